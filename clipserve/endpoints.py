@@ -1,0 +1,145 @@
+"""What an endpoint is: a model scale, a numeric precision and a tower.
+
+This module is the single source of truth for precisions, towers, Triton model names, the
+fixed ONNX tensor names and the JSON sidecar stored next to each endpoint. The export stage
+writes these, the gateway reads them; neither defines its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of an exported tower. The value is the spelling used everywhere
+    (CLI, Triton model names, metric labels, routing headers).
+
+    - ``fp32``: the reference. Weights and activations float32, exactly the PyTorch graph.
+    - ``fp16``: weights and most activations float16. LayerNorm, Softmax, reductions and the
+      final L2 normalisation stay float32, and graph inputs/outputs keep their float32/uint8/int32
+      types, so clients never see half floats and nothing overflows to inf.
+    - ``int8``: MatMul (and Gemm) weights int8, per output channel, and the token-embedding
+      table int8. Matmul activations are quantized too: dynamically per tensor at run time
+      (ORT ``quantize_dynamic``) or statically from a calibration set (QDQ); the export
+      measures both and keeps the better (see the report). LayerNorm, Softmax, GELU, residual
+      adds, the patch Conv and the positional embeddings stay float32.
+    - ``int4``: weight-only. Constant MatMul weights and the token-embedding table stored as
+      4-bit blocks with one float scale per block (ORT ``MatMulNBits`` and
+      ``GatherBlockQuantized``; block size recorded in the sidecar), dequantized on the fly.
+      Activations, the patch Conv and the attention score matmuls stay float32.
+    """
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, text: str) -> "Precision":
+        """Parse a precision name; raises ValueError listing the valid ones."""
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            valid = ", ".join(p.value for p in cls)
+            raise ValueError(f"unknown precision {text!r}; valid precisions: {valid}") from None
+
+
+class Tower(str, enum.Enum):
+    """Which half of CLIP an endpoint runs."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+
+# Fixed ONNX / Triton tensor names. Every exported graph uses exactly these.
+IMAGE_INPUT = "pixels"  # uint8 [batch, height, width, 3] (NHWC, RGB), resized, not normalised
+TEXT_INPUT = "input_ids"  # int32 [batch, context_length], open_clip token ids, 0-padded
+EMBEDDING_OUTPUT = "embedding"  # float32 [batch, embed_dim], L2-normalised
+
+SIDECAR_FILENAME = "clipserve.json"
+SIDECAR_VERSION = 1
+TOKENIZER_FILENAME = "tokenizer.json"
+
+_SCALE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")
+
+
+def endpoint_name(scale: str, precision: Precision | str, tower: Tower | str) -> str:
+    """The Triton model name of one endpoint, e.g. ``digits-s_int8_image``.
+
+    Scales may contain letters, digits, '-' and '.', never '_', so the name splits back
+    unambiguously (see :func:`parse_endpoint_name`).
+    """
+    if not _SCALE_RE.match(scale):
+        raise ValueError(
+            f"scale name {scale!r} may only contain letters, digits, '-' and '.' "
+            "(it becomes part of a Triton model name)"
+        )
+    return f"{scale}_{Precision(precision).value}_{Tower(tower).value}"
+
+
+def parse_endpoint_name(name: str) -> tuple[str, Precision, Tower]:
+    """Inverse of :func:`endpoint_name`; raises ValueError on names it did not make."""
+    parts = name.split("_")
+    if len(parts) != 3:
+        raise ValueError(f"{name!r} is not a clipserve endpoint name (scale_precision_tower)")
+    scale, precision, tower = parts
+    return scale, Precision(precision), Tower(tower)
+
+
+def scale_name(model_name: str) -> str:
+    """Turn an open_clip architecture name (``ViT-B-32``, ``ViT-bigG-14-quickgelu``) or a
+    built-in name into the scale used in endpoint names: '_' and '/' become '-'."""
+    return re.sub(r"[^A-Za-z0-9.\-]", "-", model_name)
+
+
+@dataclass
+class Sidecar:
+    """Metadata stored as ``<repository>/<endpoint>/clipserve.json``.
+
+    Image endpoints carry what the gateway needs to preprocess and to score live: the input
+    size and the temperature and OOD threshold fitted for this precision (against the text
+    tower of the same precision). Text endpoints carry the context length; their tokenizer
+    sits beside the sidecar as ``tokenizer.json``.
+    """
+
+    scale: str
+    precision: str
+    tower: str
+    embed_dim: int
+    source: str  # what was exported: "digits-s::builtin", "ViT-B-32::openai", ...
+    version: int = SIDECAR_VERSION
+    image_size: int | None = None  # image towers: square input side in pixels
+    context_length: int | None = None  # text towers
+    temperature: float | None = None  # softmax(cos / T); fitted on held-out labelled data
+    ood_threshold: float | None = None  # MCM score below this -> OOD (95% ID kept)
+    quantization: dict = field(default_factory=dict)  # method, block size, ...
+    # Image endpoints: the in-distribution label set the threshold was fitted on, and the prompt
+    # templates ("a photo of the digit {}") whose averaged text embeddings make each label.
+    labels: list[str] | None = None
+    prompts: list[str] | None = None
+
+    def write(self, endpoint_dir: Path) -> Path:
+        path = Path(endpoint_dir) / SIDECAR_FILENAME
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, endpoint_dir: Path) -> "Sidecar":
+        """Read and validate a sidecar; raises ValueError for a missing, unreadable or
+        newer-versioned file."""
+        path = Path(endpoint_dir) / SIDECAR_FILENAME
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read endpoint sidecar {path}: {exc}") from exc
+        if data.get("version") != SIDECAR_VERSION:
+            raise ValueError(
+                f"{path} has sidecar version {data.get('version')!r}; this clipserve reads "
+                f"version {SIDECAR_VERSION}. Re-export the repository."
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,62 @@
+"""The export stage's one config object. Light to import: ``clipserve --help`` and
+``clipserve serve`` load it without torch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipserve.endpoints import Precision
+
+BACKENDS = ("python", "onnxruntime")
+INT4_BLOCK_SIZE = 32
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "clipserve")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``clipserve export`` takes (flags, or ``CLIPSERVE_<FIELD>`` env vars)."""
+
+    models: str = field(default="digits-s,digits-m,digits-l", metadata={
+        "help": "comma-separated NAME[::WEIGHTS]: a built-in (digits-s/m/l) or an open_clip "
+                "architecture with a pretrained tag, checkpoint path or 'none'"})
+    models_file: str = field(default="", metadata={
+        "help": "file with one NAME[::WEIGHTS] per line; replaces --models"})
+    precisions: tuple[str, ...] = field(default=("fp32", "fp16", "int8", "int4"), metadata={
+        "help": "comma-separated precisions to export"})
+    repository: str = field(default="model_repository", metadata={
+        "help": "Triton model repository to write"})
+    cache_dir: str = field(default_factory=_default_cache_dir, metadata={
+        "help": "where trained checkpoints and intermediate ONNX files are cached"})
+    backend: str = field(default="python", metadata={
+        "help": "Triton backend: 'python' (onnxruntime in Triton's Python backend; runs on the "
+                "CPU tritonserver of nvidia-pytriton) or 'onnxruntime' (NVIDIA's GPU images)"})
+    tensorrt: bool = field(default=False, metadata={
+        "help": "with --backend onnxruntime: enable the TensorRT accelerator where it applies"})
+    int4_block_size: int = field(default=INT4_BLOCK_SIZE, metadata={
+        "help": "INT4 block size (power of two >= 16)"})
+    throughput_batch: int = field(default=32, metadata={
+        "help": "batch size of the offline throughput measurement"})
+    throughput_seconds: float = field(default=1.0, metadata={
+        "help": "seconds per throughput measurement"})
+
+    def __post_init__(self):
+        for p in self.precisions:
+            Precision.parse(p)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        b = self.int4_block_size
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"int4 block size must be a power of two >= 16, got {b}")
+
+    def model_specs(self) -> list["ModelSpec"]:
+        from clipserve.export import models
+
+        if self.models_file:
+            return models.read_models_file(Path(self.models_file))
+        return models.parse_models(self.models)

@@ -1,0 +1,182 @@
+"""Turn an FP32 tower into the other precisions (see ``clipserve.endpoints.Precision`` for
+what each one quantizes and what stays float).
+
+Each function reads an FP32 ONNX file, writes the converted file and returns a dict that
+describes what was done; that dict goes into the endpoint's sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from clipserve.export.config import INT4_BLOCK_SIZE
+# int4 MatMulNBits: 4 = compute with int8 activations (usually fastest on CPU); 0 = fp32.
+INT4_ACCURACY_LEVEL = 4
+# Ops that stay float32 under FP16: normalisation and reductions lose range or precision in
+# half floats (LayerNorm variance, the L2 norm, softmax sums overflow to inf).
+FP16_KEEP_FLOAT = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceL2",
+                   "ReduceSum", "ReduceMean", "Pow", "Sqrt", "Div", "Clip", "ArgMax"]
+# INT8 quantizes the matmuls and the token-embedding table (a Gather on a constant: 49408 rows,
+# most of a small text tower's bytes). LayerNorm, GELU, residual Adds and Softmax stay float
+# (CLIP's activation outliers make them the parts that break; optimum #151, ORT #16219).
+INT8_OPS = ["MatMul", "Gemm", "Gather"]
+# INT4: MatMul weights blocked along K (axis 0); embedding rows blocked along D (axis 1).
+INT4_OPS = (("MatMul", 0), ("Gather", 1))
+
+
+class QuantizationError(RuntimeError):
+    """A precision cannot be produced for this model (e.g. nothing to quantize)."""
+
+
+def _quiet_ort_loggers() -> None:
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.transformers",
+                 "fusion_base", "onnx_model", "onnx_model_bert", "fusion_skiplayernorm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in model.graph.node)
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise QuantizationError("graph has a cycle or an undefined input after conversion")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def optimize(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's transformer optimizer (basic fusions: GELU, bias-GELU, LayerNorm).
+
+    Applied before INT8/INT4 so the quantizers see fused ops; run at opt_level 1 so the file
+    stays portable across execution providers."""
+    from onnxruntime.transformers import optimizer
+
+    _quiet_ort_loggers()
+    model = optimizer.optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0,
+                                     opt_level=1, only_onnxruntime=False)
+    model.save_model_to_file(str(dst), use_external_data_format=False)
+    return dst
+
+
+def to_fp16(src: Path, dst: Path) -> dict:
+    """Weights and most activations to float16; FP16_KEEP_FLOAT ops and the graph's
+    inputs/outputs keep their types."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(src), keep_io_types=True,
+                                     op_block_list=FP16_KEEP_FLOAT)
+    # The converter emits one Cast per (weight, consumer) pair under the same name when a kept
+    # float weight has several consumers; the copies are identical, so keep one of each and
+    # restore the topological order the removal breaks.
+    defined, kept = {}, []
+    for node in model.graph.node:
+        key = tuple(node.output)
+        if key in defined:
+            first = defined[key]
+            if first.op_type != node.op_type or list(first.input) != list(node.input):
+                raise QuantizationError(f"fp16 conversion produced conflicting nodes for {key}")
+            continue
+        defined[key] = node
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _topological_sort(model.graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, dst)
+    return {"method": "fp16", "kept_float32": FP16_KEEP_FLOAT}
+
+
+def to_int8_dynamic(src: Path, dst: Path) -> dict:
+    """Int8 weights per output channel; activations quantized per tensor at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet_ort_loggers()
+    # reduce_range (7-bit weights): AVX2 without VNNI multiplies u8 x s8 with VPMADDUBSW, whose
+    # int16 accumulator saturates with full-range weights.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=True, op_types_to_quantize=INT8_OPS)
+    _require_quantized(dst, "MatMulInteger", "int8 (dynamic)")
+    return {"method": "int8-dynamic", "weights": "int8 per-channel, reduce_range",
+            "activations": "uint8 per-tensor, dynamic", "ops": INT8_OPS}
+
+
+def to_int8_static(src: Path, dst: Path, input_name: str,
+                   calibration: Iterable[np.ndarray]) -> dict:
+    """Int8 QDQ with activation ranges from a calibration set (99.99th percentile)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([{input_name: batch} for batch in calibration])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    _quiet_ort_loggers()
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, reduce_range=True, op_types_to_quantize=INT8_OPS,
+                    calibrate_method=CalibrationMethod.Percentile,
+                    extra_options={"CalibPercentile": 99.99})
+    _require_quantized(dst, "QuantizeLinear", "int8 (static)")
+    return {"method": "int8-static-qdq", "weights": "int8 per-channel, reduce_range",
+            "activations": "uint8 per-tensor, calibrated (percentile 99.99)", "ops": INT8_OPS}
+
+
+def to_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
+            accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict:
+    """Weight-only 4-bit (RTN, symmetric) blocks for constant-weight MatMuls and embedding
+    tables (MatMulNBits, GatherBlockQuantized)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _quiet_ort_loggers()
+    quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level,
+                                     op_types_to_quantize=tuple(op for op, _ in INT4_OPS),
+                                     quant_axes=INT4_OPS)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    _require_quantized(dst, "MatMulNBits", "int4")
+    return {"method": "int4-weight-only-rtn", "block_size": block_size, "ops": [op for op, _ in INT4_OPS],
+            "accuracy_level": accuracy_level, "symmetric": True}
+
+
+def _require_quantized(path: Path, op_type: str, what: str) -> None:
+    if _count_ops(onnx.load(path, load_external_data=False), op_type) == 0:
+        raise QuantizationError(
+            f"{what}: no operator of this model could be quantized (no {op_type} produced in "
+            f"{path.name}); this model has no constant-weight MatMul/Gemm for it")
+
+
+def choose_int8(candidates: dict[str, dict], measure: Callable[[str], tuple[float, float]],
+                tolerance: float = 5e-4) -> str:
+    """Pick between INT8 methods by measurement: ``measure(name)`` returns (mean cosine to
+    FP32 on calibration data, items/s). The more faithful one wins unless the other is within
+    ``tolerance`` of its cosine, in which case the faster one does. Fills each candidate's
+    ``cosine_calibration`` and ``items_per_s`` in place and returns the chosen name."""
+    scores = {}
+    for name, info in candidates.items():
+        cosine, speed = measure(name)
+        info.update(cosine_calibration=round(cosine, 6), items_per_s=round(speed, 1))
+        scores[name] = (cosine, speed)
+    best_cos = max(cos for cos, _ in scores.values())
+    close = [name for name, (cos, _) in scores.items() if cos >= best_cos - tolerance]
+    return max(close, key=lambda name: scores[name][1])

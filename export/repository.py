@@ -1,0 +1,85 @@
+"""Write the Triton model repository: one model per scale x precision x tower.
+
+Serving policy (batch limits, dynamic batching, instances) lives in each config.pbtxt. Two
+backends:
+- ``python`` (default): Triton's Python backend running onnxruntime via ``model.py``. It is
+  what runs on the CPU ``tritonserver`` that the ``nvidia-pytriton`` wheel ships.
+- ``onnxruntime``: ``platform: "onnxruntime_onnx"`` for NVIDIA's Triton images on GPUs,
+  optionally with the TensorRT accelerator where TensorRT can run the graph (FP32, FP16 and
+  static QDQ INT8; dynamic INT8 and INT4 use ops TensorRT lacks and run on the CUDA EP).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from clipserve.endpoints import (EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Precision,
+                                 Sidecar, Tower, TOKENIZER_FILENAME, endpoint_name)
+
+from clipserve.export.config import BACKENDS
+MAX_BATCH_SIZE = 64
+# Long enough to gather concurrent single-image requests into a batch on a CPU, short
+# against the tens of milliseconds a ViT-B image takes.
+MAX_QUEUE_DELAY_US = 2000
+TEMPLATE = Path(__file__).parent / "triton_model.py"
+
+
+def config_pbtxt(name: str, tower: Tower, sidecar: Sidecar, backend: str,
+                 precision: Precision, tensorrt: bool = False, instances: int = 1) -> str:
+    """The config.pbtxt text of one endpoint."""
+    if tower is Tower.IMAGE:
+        input_name, dtype = IMAGE_INPUT, "TYPE_UINT8"
+        dims = [sidecar.image_size, sidecar.image_size, 3]
+    else:
+        input_name, dtype, dims = TEXT_INPUT, "TYPE_INT32", [sidecar.context_length]
+    lines = [f'name: "{name}"']
+    if backend == "python":
+        lines.append('backend: "python"')
+    elif backend == "onnxruntime":
+        lines.append('platform: "onnxruntime_onnx"')
+    else:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    lines += [
+        f"max_batch_size: {MAX_BATCH_SIZE}",
+        f'input [ {{ name: "{input_name}" data_type: {dtype} dims: {dims} }} ]',
+        f'output [ {{ name: "{EMBEDDING_OUTPUT}" data_type: TYPE_FP32 dims: [{sidecar.embed_dim}] }} ]',
+        f"dynamic_batching {{ max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}",
+    ]
+    if backend == "python":
+        lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+        lines.append('parameters { key: "intra_op_threads" value: { string_value: "0" } }')
+    else:
+        lines.append(f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]")
+        trt_mode = {Precision.FP32: "FP32", Precision.FP16: "FP16"}.get(precision)
+        if precision is Precision.INT8 and sidecar.quantization.get("method") == "int8-static-qdq":
+            trt_mode = "INT8"
+        if tensorrt and trt_mode:
+            lines.append(
+                "optimization { execution_accelerators { gpu_execution_accelerator: [ { "
+                f'name: "tensorrt" parameters {{ key: "precision_mode" value: "{trt_mode}" }} '
+                'parameters { key: "max_workspace_size_bytes" value: "1073741824" } } ] } }')
+    return "\n".join(lines) + "\n"
+
+
+def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend: str = "python",
+                   tensorrt: bool = False, tokenizer_json: Path | None = None) -> Path:
+    """Create ``<repository>/<endpoint>/`` with config, model, sidecar (and tokenizer for
+    text towers). Replaces an existing endpoint of the same name."""
+    tower, precision = Tower(sidecar.tower), Precision(sidecar.precision)
+    name = endpoint_name(sidecar.scale, precision, tower)
+    endpoint = Path(repository) / name
+    if endpoint.exists():
+        shutil.rmtree(endpoint)
+    (endpoint / "1").mkdir(parents=True)
+    shutil.copyfile(onnx_path, endpoint / "1" / "model.onnx")
+    if backend == "python":
+        shutil.copyfile(TEMPLATE, endpoint / "1" / "model.py")
+    (endpoint / "config.pbtxt").write_text(
+        config_pbtxt(name, tower, sidecar, backend, precision, tensorrt))
+    sidecar.write(endpoint)
+    if tower is Tower.TEXT:
+        if tokenizer_json is None:
+            raise ValueError(f"{name}: a text endpoint needs its tokenizer.json")
+        shutil.copyfile(tokenizer_json, endpoint / TOKENIZER_FILENAME)
+    return endpoint

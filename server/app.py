@@ -1,0 +1,226 @@
+"""Assemble and run the gateway: Triton (child or external), gRPC server, health, metrics.
+
+:class:`Gateway` is the running program with an explicit ``start()``/``stop()`` so integration
+tests can run it in-process on ephemeral ports; :func:`serve` adds signal handling for
+``clipserve serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health as health_sync
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from clipserve.config import describe
+from clipserve.endpoints import Precision, Tower
+
+from .backend import Backend
+from .config import ServerConfig
+from .health import NOT_SERVING, HealthMonitor
+from .images import ImageDecoder
+from .metrics import ServerMetrics
+from .repository import Catalog
+from .routing import RoutingPolicy
+from .routing_file import RoutingSource
+from .service import ClipService
+from .v1 import clipserve_pb2 as pb
+from .v1 import clipserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+
+
+def resolve_default_scale(config: ServerConfig, catalog: Catalog) -> str:
+    """The configured default scale, or the repository's only one.
+
+    Raises:
+        ValueError: the configured scale is absent, or none is configured and there are several.
+    """
+    if config.default_scale:
+        if config.default_scale not in catalog.scales:
+            raise ValueError(f"default_scale {config.default_scale!r} is not in the repository "
+                             f"(scales: {', '.join(catalog.scales)})")
+        return config.default_scale
+    if len(catalog.scales) != 1:
+        raise ValueError(f"the repository holds scales {', '.join(catalog.scales)}; set "
+                         "--default-scale to say which one takes calls that name none")
+    return catalog.scales[0]
+
+
+def default_policy(catalog: Catalog, scale: str) -> RoutingPolicy:
+    """Without a routing file: the most precise precision of ``scale`` that has both towers
+    (fp32 in a full export), else the most precise one present."""
+    complete = [p for p in Precision if all(catalog.has(scale, p, t) for t in Tower)]
+    present = [p for p in Precision if any(catalog.has(scale, p, t) for t in Tower)]
+    return RoutingPolicy.single(scale, (complete or present)[0])
+
+
+def load_tokenizers(catalog: Catalog) -> dict:
+    """Text endpoint name -> ClipTokenizer; raises ValueError when a tokenizer is missing."""
+    from clipserve.tokenizer import ClipTokenizer
+
+    tokenizers = {}
+    for spec in catalog:
+        if spec.tower is Tower.TEXT:
+            if not spec.tokenizer_path.is_file():
+                raise ValueError(f"text endpoint {spec.name} has no {spec.tokenizer_path.name}; "
+                                 "re-export the repository")
+            tokenizers[spec.name] = ClipTokenizer.from_file(spec.tokenizer_path,
+                                                            spec.sidecar.context_length)
+    return tokenizers
+
+
+class Gateway:
+    """The gateway process's parts, started and stopped in order.
+
+    Args:
+        config: validated config.
+        backend: inject a backend (tests); default: a TritonBackend on ``config.triton_url``
+            or on a tritonserver child started over the repository.
+        registry: Prometheus registry (tests pass a fresh one).
+    """
+
+    def __init__(self, config: ServerConfig, backend: Backend | None = None,
+                 registry: CollectorRegistry | None = None):
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self._backend = backend
+        self._triton = None  # TritonProcess when we started one
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._decoder: ImageDecoder | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.health = health_aio.HealthServicer()
+        self.routing: RoutingSource | None = None
+        self.monitor: HealthMonitor | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        """Read the repository, connect to (or start) Triton, start serving.
+
+        Raises:
+            ValueError: the repository or routing file is unusable.
+            RuntimeError: the tritonserver child failed to start.
+        """
+        config = self.config
+        log.info("clipserve serve: %s", describe(config))
+        catalog = Catalog.from_repository(config.repository)
+        scale = resolve_default_scale(config, catalog)
+        tokenizers = load_tokenizers(catalog)
+        metrics = ServerMetrics(self.registry, catalog.scales)
+        self.routing = RoutingSource(config.routing_file, default_policy(catalog, scale), scale,
+                                     catalog.targets(), metrics)
+        for service in ("", *SERVICE_NAMES):
+            await self.health.set(service, NOT_SERVING)
+
+        if self._backend is None:
+            self._backend = await self._connect_triton()
+        self.monitor = HealthMonitor(self._backend, self.health, SERVICE_NAMES, metrics,
+                                     config.health_poll_s)
+        # An external Triton may come up after us (Kubernetes starts containers in any order):
+        # serve anyway, NOT_SERVING and UNAVAILABLE until the monitor sees it ready.
+        if not (await self.monitor.poll_once()).server_ready:
+            log.warning("Triton at %s is not ready yet; health is NOT_SERVING until it is",
+                        getattr(self._backend, "url", "?"))
+
+        self._decoder = ImageDecoder(config.effective_decode_workers,
+                                     config.effective_decode_queue, config.max_image_bytes,
+                                     config.max_image_pixels)
+        service = ClipService(config=config, catalog=catalog, backend=self._backend,
+                              decoder=self._decoder, tokenizers=tokenizers, metrics=metrics,
+                              routing=lambda: self.routing.policy,
+                              state=lambda: self.monitor.state)
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ])
+        pb_grpc.add_EmbeddingServiceServicer_to_server(service, self._server)
+        pb_grpc.add_ClassificationServiceServicer_to_server(service, self._server)
+        pb_grpc.add_ModelServiceServicer_to_server(service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_sync.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if not self.port:
+            raise RuntimeError(f"cannot bind gRPC port {config.host}:{config.port}")
+        self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host,
+                                                  registry=self.registry)
+        self.metrics_port = self._metrics_http.server_port
+        await self._server.start()
+        self._tasks = [asyncio.create_task(self.monitor.run(), name="health"),
+                       asyncio.create_task(self.routing.watch(config.routing_poll_s),
+                                           name="routing")]
+        log.info("serving gRPC on %s:%d, metrics on %s:%d", config.host, self.port,
+                 config.host, self.metrics_port)
+
+    async def _connect_triton(self) -> Backend:
+        from .triton_client import TritonBackend
+
+        if self.config.triton_url:
+            return TritonBackend(self.config.triton_url)
+        from .triton_process import TritonProcess
+
+        self._triton = TritonProcess(Path(self.config.repository))
+        log.info("starting tritonserver on %s", self.config.repository)
+        # start() blocks until every model is ready (or raises with Triton's log excerpt).
+        await asyncio.to_thread(self._triton.start, self.config.triton_start_timeout_s)
+        log.info("tritonserver ready at %s", self._triton.grpc_url)
+        return TritonBackend(self._triton.grpc_url)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within ``grace_s`` (default the
+        config's), then stop health polling, Triton and the rest. Idempotent."""
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._backend is not None:
+            await self._backend.close()
+            self._backend = None
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        if self._triton is not None:
+            await asyncio.to_thread(self._triton.stop)
+            self._triton = None
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the routing file. Returns an exit code.
+
+    A signal that arrives while a tritonserver child is starting takes effect once the start
+    returns (bounded by triton_start_timeout_s): stopping it half-way would orphan the child.
+    """
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+        loop.add_signal_handler(signal.SIGHUP, gateway.routing.reload)
+        await stop.wait()
+        log.info("shutting down: draining calls for up to %.1f s", config.shutdown_grace_s)
+    finally:
+        await gateway.stop()
+    return 0

@@ -1,0 +1,152 @@
+"""Encoded image bytes -> the uint8 NHWC pixels the image towers take.
+
+Preprocessing is open_clip's eval transform minus the normalisation (which is inside the graph):
+resize the shortest side to S with bicubic filtering, centre-crop S x S, convert to RGB, in that
+order and with torchvision's rounding, so the gateway feeds Triton the same pixels the export
+measured quality on. EXIF orientation is ignored, as open_clip does.
+
+Decoding is CPU work that would stall every other call on the event loop, so
+:class:`ImageDecoder` runs it in a bounded thread pool (Pillow releases the GIL while decoding
+and resampling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ServingError
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow format names
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The Pillow format name of data we refuse to decode, for a helpful message."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return img.format
+    except Exception:  # anything unreadable just gets the generic message
+        return None
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    # torchvision.transforms.functional._compute_resized_output_size for an int size.
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Shortest side to ``size`` (bicubic), centre crop, RGB: uint8 array [size, size, 3]."""
+    width, height = img.size
+    new_size = _resized_size(width, height, size)
+    if new_size != (width, height):
+        img = img.resize(new_size, Image.Resampling.BICUBIC)
+    width, height = img.size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
+               what: str = "image") -> np.ndarray:
+    """Decode one encoded image and preprocess it to uint8 [size, size, 3].
+
+    Args:
+        data: the encoded file (JPEG, PNG or WebP).
+        size: the endpoint's input side S.
+        max_bytes: largest accepted ``len(data)``.
+        max_pixels: largest accepted width*height, read from the header before decoding.
+        what: how messages name the item ("image 3").
+
+    Raises:
+        ServingError: INVALID_ARGUMENT for empty, oversized, unsupported or corrupt data.
+    """
+    if not data:
+        raise ServingError.invalid_argument(f"{what} is empty")
+    if len(data) > max_bytes:
+        raise ServingError.invalid_argument(
+            f"{what} is {len(data)} bytes; at most {max_bytes} are accepted")
+    supported = ", ".join(SUPPORTED_FORMATS)
+    try:
+        # Pillow's own bomb check warns (or raises past 2x its limit); ours below is the policy.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        fmt = _sniff_format(data)
+        if fmt is not None:
+            raise ServingError.invalid_argument(
+                f"{what} is {fmt}, which is not supported; send {supported}") from None
+        raise ServingError.invalid_argument(
+            f"{what} is not a decodable image (corrupt, or not {supported})") from None
+    except Image.DecompressionBombError:
+        # Past twice Pillow's own limit it refuses to even open the file.
+        raise ServingError.invalid_argument(
+            f"{what} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels; at most {max_pixels} "
+            "are accepted") from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ServingError.invalid_argument(
+                f"{what} is {width}x{height} = {width * height} pixels; at most {max_pixels} "
+                "are accepted")
+        if width < 1 or height < 1:
+            raise ServingError.invalid_argument(f"{what} has no pixels ({width}x{height})")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+            return resize_center_crop(img, size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # Pillow reports truncated and malformed data as OSError/SyntaxError/ValueError.
+            raise ServingError.invalid_argument(f"{what} is corrupt: {exc}") from None
+
+
+class ImageDecoder:
+    """Preprocess batches of images in a bounded thread pool, off the event loop.
+
+    Args:
+        workers: threads decoding at once.
+        queue_limit: images submitted but not finished before further ones wait (keeps a
+            flood of calls from queueing unbounded work and memory).
+        max_bytes, max_pixels: per-image limits, see :func:`preprocess`.
+    """
+
+    def __init__(self, workers: int, queue_limit: int, max_bytes: int, max_pixels: int):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._slots = asyncio.Semaphore(max(queue_limit, workers))
+        self._max_bytes = max_bytes
+        self._max_pixels = max_pixels
+
+    async def decode_one(self, data: bytes, size: int, what: str = "image") -> np.ndarray:
+        """One image -> uint8 [size, size, 3]; raises ServingError (INVALID_ARGUMENT) whose
+        message names the item as ``what``."""
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._pool, lambda: preprocess(data, size, max_bytes=self._max_bytes,
+                                               max_pixels=self._max_pixels, what=what))
+
+    async def decode(self, images: Sequence[bytes], size: int) -> np.ndarray:
+        """A batch -> uint8 [n, size, size, 3]. Every item is tried; the lowest-numbered failure
+        is raised (ServingError), so the message is deterministic."""
+        results = await asyncio.gather(
+            *(self.decode_one(data, size, f"image {i}") for i, data in enumerate(images)),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return np.stack(results)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

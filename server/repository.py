@@ -1,0 +1,137 @@
+"""What the model repository holds: one :class:`EndpointSpec` per exported endpoint.
+
+Read once at start from each endpoint's sidecar (``clipserve.json``) and ``config.pbtxt``. The
+gateway needs the repository even when Triton runs elsewhere: sidecars carry image sizes,
+temperatures and thresholds, and the tokenizers sit next to the text towers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from clipserve.endpoints import (IMAGE_INPUT, SIDECAR_FILENAME, TEXT_INPUT, TOKENIZER_FILENAME,
+                                 Precision, Sidecar, Tower, endpoint_name)
+
+from .errors import ServingError
+
+log = logging.getLogger(__name__)
+
+# Only the top-level field: nested messages (dynamic_batching { ... }) never use this name.
+_MAX_BATCH_SIZE = re.compile(r"^\s*max_batch_size\s*:\s*(\d+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """One Triton model of the repository, as the gateway sees it.
+
+    Attributes:
+        max_batch_size: from config.pbtxt; calls with more items are split into chunks of at
+            most this many (0: Triton does not batch this model; send the call whole).
+    """
+
+    name: str
+    scale: str
+    precision: Precision
+    tower: Tower
+    sidecar: Sidecar
+    max_batch_size: int
+    directory: Path
+
+    @property
+    def input_name(self) -> str:
+        return IMAGE_INPUT if self.tower is Tower.IMAGE else TEXT_INPUT
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.directory / TOKENIZER_FILENAME
+
+
+def read_endpoint(directory: Path) -> EndpointSpec:
+    """Read one endpoint directory; raises ValueError when its files disagree or are missing."""
+    directory = Path(directory)
+    sidecar = Sidecar.read(directory)
+    precision, tower = Precision(sidecar.precision), Tower(sidecar.tower)
+    name = endpoint_name(sidecar.scale, precision, tower)
+    if name != directory.name:
+        raise ValueError(f"{directory}: sidecar describes {name}, directory is {directory.name}")
+    if tower is Tower.IMAGE and not sidecar.image_size:
+        raise ValueError(f"{directory / SIDECAR_FILENAME}: image endpoint without image_size")
+    if tower is Tower.TEXT and not sidecar.context_length:
+        raise ValueError(f"{directory / SIDECAR_FILENAME}: text endpoint without context_length")
+    try:
+        match = _MAX_BATCH_SIZE.search((directory / "config.pbtxt").read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {directory / 'config.pbtxt'}: {exc}") from exc
+    return EndpointSpec(name=name, scale=sidecar.scale, precision=precision, tower=tower,
+                        sidecar=sidecar, max_batch_size=int(match.group(1)) if match else 0,
+                        directory=directory)
+
+
+class Catalog:
+    """The endpoints of one repository, looked up by scale, precision and tower."""
+
+    def __init__(self, specs: Iterable[EndpointSpec]):
+        self._by_name = {spec.name: spec for spec in specs}
+        self.scales: tuple[str, ...] = tuple(sorted({s.scale for s in self._by_name.values()}))
+
+    @classmethod
+    def from_repository(cls, repository: Path) -> "Catalog":
+        """Every subdirectory with a sidecar; others (report files, foreign models) are skipped.
+
+        Raises:
+            ValueError: the directory is missing, holds no endpoint, or one is inconsistent.
+        """
+        repository = Path(repository)
+        if not repository.is_dir():
+            raise ValueError(f"model repository {repository} is not a directory; run "
+                             "`clipserve export --repository DIR` first")
+        specs = []
+        for child in sorted(repository.iterdir()):
+            if (child / SIDECAR_FILENAME).is_file():
+                specs.append(read_endpoint(child))
+            elif child.is_dir():
+                log.info("skipping %s: no %s", child, SIDECAR_FILENAME)
+        if not specs:
+            raise ValueError(f"model repository {repository} holds no clipserve endpoint "
+                             f"(no */{SIDECAR_FILENAME})")
+        return cls(specs)
+
+    def __iter__(self) -> Iterator[EndpointSpec]:
+        return iter(sorted(self._by_name.values(), key=lambda s: s.name))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def by_name(self, name: str) -> EndpointSpec | None:
+        return self._by_name.get(name)
+
+    def has(self, scale: str, precision: Precision, tower: Tower) -> bool:
+        return endpoint_name(scale, precision, tower) in self._by_name
+
+    def get(self, scale: str, precision: Precision, tower: Tower) -> EndpointSpec:
+        """The endpoint for (scale, precision, tower).
+
+        Raises:
+            ServingError: NOT_FOUND naming what this scale and tower do have.
+        """
+        spec = self._by_name.get(endpoint_name(scale, precision, tower))
+        if spec is None:
+            have = sorted(s.precision.value for s in self._by_name.values()
+                          if s.scale == scale and s.tower is tower)
+            raise ServingError.not_found(
+                f"no {tower.value} endpoint {endpoint_name(scale, precision, tower)} in this "
+                f"repository; {scale} {tower.value} precisions here: {', '.join(have) or 'none'}")
+        return spec
+
+    def targets(self, tower: Tower | None = None) -> set[tuple[str, Precision]]:
+        """(scale, precision) pairs present, for one tower or any."""
+        return {(s.scale, s.precision) for s in self._by_name.values()
+                if tower is None or s.tower is tower}
+
+    def precisions(self) -> list[Precision]:
+        present = {s.precision for s in self._by_name.values()}
+        return [p for p in Precision if p in present]

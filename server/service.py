@@ -1,0 +1,461 @@
+"""The ``clipserve.v1`` servicers: validate, route, preprocess, call the backend, answer.
+
+One class implements the three services; it depends on the :class:`Backend` protocol, the
+catalog, the live routing policy and the readiness snapshot, all passed in, so unit tests drive
+it with fakes and no socket. Batching is Triton's (dynamic_batching in config.pbtxt): calls are
+only split into chunks of the endpoint's max_batch_size, never queued here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping, Protocol, Sequence
+
+import grpc
+import numpy as np
+
+from clipserve.calibration import score_mcm, softmax
+from clipserve.endpoints import Precision, Tower, endpoint_name
+
+from .backend import Backend
+from .config import ServerConfig
+from .errors import ServingError, to_status
+from .health import BackendState
+from .images import ImageDecoder
+from .metrics import Method, ServerMetrics
+from .repository import Catalog, EndpointSpec
+from .routing import HEADER_ENDPOINT, RoutingPolicy, Target, route
+from .v1 import clipserve_pb2 as pb
+from .v1 import clipserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+LABEL_SLOT = "{}"  # where a label goes in a prompt template
+
+
+class Tokenizer(Protocol):
+    """What the servicer needs from :class:`clipserve.tokenizer.ClipTokenizer`."""
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Texts -> (int32 ids [n, context_length], truncated flag per text)."""
+        ...
+
+
+def precision_to_pb(precision: Precision) -> int:
+    return pb.Precision.Value(f"PRECISION_{precision.name}")
+
+
+def tower_to_pb(tower: Tower) -> int:
+    return pb.Tower.Value(f"TOWER_{tower.name}")
+
+
+def _precision_descriptions() -> dict[Precision, str]:
+    # endpoints.Precision documents each value in a "- ``fp16``: ..." bullet; serve that text
+    # rather than keep a second copy that could drift.
+    doc = inspect.cleandoc(Precision.__doc__ or "")
+    found = {m.group(1): " ".join(m.group(2).split())
+             for m in re.finditer(r"^- ``(\w+)``: (.*?)(?=^- ``|\Z)", doc, re.S | re.M)}
+    return {p: found.get(p.value, "") for p in Precision}
+
+
+PRECISION_DESCRIPTIONS = _precision_descriptions()
+
+
+@dataclass
+class _Call:
+    """Per-call bookkeeping: what metrics label it with, and when its time is up."""
+
+    deadline: float  # event-loop time
+    scale: str | None = None
+    precision: Precision | None = None
+
+    def remaining(self) -> float:
+        """Seconds left; raises DEADLINE_EXCEEDED when none are."""
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise ServingError.deadline_exceeded()
+        return left
+
+
+class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServiceServicer,
+                  pb_grpc.ModelServiceServicer):
+    """EmbeddingService, ClassificationService and ModelService.
+
+    Args:
+        config: limits and timeouts.
+        catalog: the repository's endpoints.
+        backend: runs the towers (Triton, or a fake in tests).
+        decoder: image preprocessing pool.
+        tokenizers: text endpoint name -> its tokenizer.
+        metrics: where calls are recorded.
+        routing: returns the current A/B policy (it may change between calls).
+        state: returns the current readiness snapshot.
+        rng: randomness for calls without a routing key.
+    """
+
+    def __init__(self, *, config: ServerConfig, catalog: Catalog, backend: Backend,
+                 decoder: ImageDecoder, tokenizers: Mapping[str, Tokenizer],
+                 metrics: ServerMetrics, routing: Callable[[], RoutingPolicy],
+                 state: Callable[[], BackendState], rng: random.Random | None = None):
+        self._config = config
+        self._catalog = catalog
+        self._backend = backend
+        self._decoder = decoder
+        self._tokenizers = tokenizers
+        self._metrics = metrics
+        self._routing = routing
+        self._state = state
+        self._rng = rng or random.Random()
+
+    # -- the RPCs --------------------------------------------------------------------------
+
+    async def EmbedImages(self, request, context):
+        return await self._unary(Method.EMBED_IMAGES, context,
+                                 lambda call: self._embed_images(request, context, call))
+
+    async def EmbedTexts(self, request, context):
+        return await self._unary(Method.EMBED_TEXTS, context,
+                                 lambda call: self._embed_texts(request, context, call))
+
+    async def Classify(self, request, context):
+        return await self._unary(Method.CLASSIFY, context,
+                                 lambda call: self._classify(request, context, call))
+
+    async def ListModels(self, request, context):
+        return await self._unary(Method.LIST_MODELS, context,
+                                 lambda call: self._list_models())
+
+    async def EmbedStream(self, request_iterator, context):
+        call = _Call(deadline=self._call_deadline(context, stream=True))
+        async with self._observed(Method.EMBED_STREAM, context, call):
+            state = self._state()
+            scale, precision = self._route(call, context, lambda target: any(
+                state.is_ready(endpoint_name(*target, tower)) for tower in Tower))
+            names = [endpoint_name(scale, precision, tower) for tower in Tower
+                     if self._catalog.has(scale, precision, tower)]
+            if not names:
+                raise ServingError.not_found(
+                    f"no endpoint for {scale} {precision.value} in this repository")
+            await context.send_initial_metadata(tuple((HEADER_ENDPOINT, n) for n in names))
+            async for response in self._stream(request_iterator, call):
+                yield response
+
+    # -- call plumbing ---------------------------------------------------------------------
+
+    def _call_deadline(self, context, stream: bool = False) -> float:
+        """Event-loop time by which the call must finish: the client's deadline, capped at
+        request_timeout_s for unary calls (a stream may run as long as its client allows; its
+        items get request_timeout_s each)."""
+        now = asyncio.get_running_loop().time()
+        remaining = context.time_remaining()
+        if stream:
+            return now + remaining if remaining is not None else float("inf")
+        limit = self._config.request_timeout_s
+        return now + (min(remaining, limit) if remaining is not None else limit)
+
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: Method, context, call: _Call):
+        """Around every RPC: map a failure to its status (the one mapping, errors.to_status)
+        and abort the call with it; record the outcome in metrics."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # client gone or deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = to_status(exc)
+            await context.abort(code, message)
+        finally:
+            self._metrics.observe_call(method, call.scale, call.precision, code,
+                                       time.perf_counter() - started)
+
+    async def _unary(self, method: Method, context,
+                     handler: Callable[[_Call], Awaitable[object]]):
+        call = _Call(deadline=self._call_deadline(context))
+        async with self._observed(method, context, call):
+            timeout = call.deadline - asyncio.get_running_loop().time()
+            return await asyncio.wait_for(handler(call), timeout)
+
+    def _route(self, call: _Call, context, eligible: Callable[[Target], bool]) -> Target:
+        scale, precision = route(self._routing(), context.invocation_metadata(),
+                                 self._catalog.scales, eligible, self._rng)
+        call.scale, call.precision = scale, precision
+        return scale, precision
+
+    def _route_towers(self, call: _Call, context, towers: tuple[Tower, ...]) -> Target:
+        state = self._state()
+        return self._route(call, context, lambda target: all(
+            state.is_ready(endpoint_name(*target, tower)) for tower in towers))
+
+    def _endpoint(self, scale: str, precision: Precision, tower: Tower) -> EndpointSpec:
+        """The endpoint, if present (else NOT_FOUND) and ready (else UNAVAILABLE)."""
+        spec = self._catalog.get(scale, precision, tower)
+        state = self._state()
+        if not state.is_ready(spec.name):
+            if not state.ready_models:
+                raise ServingError.unavailable("Triton is not ready; retry later")
+            raise ServingError.unavailable(f"endpoint {spec.name} is not ready; retry later")
+        return spec
+
+    def _check_batch(self, items: Sequence, kind: str) -> None:
+        if not items:
+            raise ServingError.invalid_argument(f"{kind} is empty: send at least one")
+        limit = self._config.max_batch_items
+        if len(items) > limit:
+            raise ServingError.invalid_argument(
+                f"{len(items)} {kind} in one call; at most {limit} (split the batch, or use "
+                "EmbedStream)")
+
+    def _check_text(self, text: str, what: str) -> None:
+        limit = self._config.max_text_chars
+        if len(text) > limit:
+            raise ServingError.invalid_argument(
+                f"{what} is {len(text)} characters; at most {limit}")
+
+    async def _tokenize(self, spec: EndpointSpec,
+                        texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        tokenizer = self._tokenizers.get(spec.name)
+        if tokenizer is None:
+            raise ServingError.failed_precondition(f"endpoint {spec.name} has no tokenizer")
+        # Text cleaning is pure Python: a batch of long texts would stall the event loop.
+        ids, truncated = await asyncio.to_thread(tokenizer.encode, list(texts))
+        return np.ascontiguousarray(ids, dtype=np.int32), list(truncated)
+
+    async def _embed(self, call: _Call, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
+        """Run the endpoint on ``batch`` in chunks of its max_batch_size (sent concurrently so
+        Triton's dynamic batcher sees them together)."""
+        chunk = spec.max_batch_size or len(batch)
+        parts = await asyncio.gather(*(
+            self._backend.embed(spec.name, spec.input_name, batch[i:i + chunk], call.remaining())
+            for i in range(0, len(batch), chunk)))
+        vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if vectors.shape != (len(batch), spec.sidecar.embed_dim):
+            raise RuntimeError(f"{spec.name} returned embeddings of shape {vectors.shape} for "
+                               f"{len(batch)} items of dimension {spec.sidecar.embed_dim}")
+        self._metrics.observe_items(spec.tower, spec.scale, spec.precision, len(batch))
+        return np.asarray(vectors, dtype=np.float32)
+
+    @staticmethod
+    def _endpoint_pb(spec: EndpointSpec) -> pb.Endpoint:
+        return pb.Endpoint(name=spec.name, scale=spec.scale,
+                           precision=precision_to_pb(spec.precision),
+                           tower=tower_to_pb(spec.tower), embed_dim=spec.sidecar.embed_dim)
+
+    @staticmethod
+    async def _announce(context, *specs: EndpointSpec) -> None:
+        await context.send_initial_metadata(tuple((HEADER_ENDPOINT, s.name) for s in specs))
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def _embed_images(self, request, context, call: _Call) -> pb.EmbedImagesResponse:
+        images = list(request.images)
+        self._check_batch(images, "images")
+        scale, precision = self._route_towers(call, context, (Tower.IMAGE,))
+        spec = self._endpoint(scale, precision, Tower.IMAGE)
+        await self._announce(context, spec)
+        pixels = await self._decoder.decode(images, spec.sidecar.image_size)
+        vectors = await self._embed(call, spec, pixels)
+        return pb.EmbedImagesResponse(
+            endpoint=self._endpoint_pb(spec),
+            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()])
+
+    async def _embed_texts(self, request, context, call: _Call) -> pb.EmbedTextsResponse:
+        texts = list(request.texts)
+        self._check_batch(texts, "texts")
+        for i, text in enumerate(texts):
+            self._check_text(text, f"text {i}")
+        scale, precision = self._route_towers(call, context, (Tower.TEXT,))
+        spec = self._endpoint(scale, precision, Tower.TEXT)
+        await self._announce(context, spec)
+        ids, truncated = await self._tokenize(spec, texts)
+        vectors = await self._embed(call, spec, ids)
+        return pb.EmbedTextsResponse(
+            endpoint=self._endpoint_pb(spec),
+            embeddings=[pb.TextEmbedding(values=row, truncated=cut)
+                        for row, cut in zip(vectors.tolist(), truncated)])
+
+    async def _classify(self, request, context, call: _Call) -> pb.ClassifyResponse:
+        images = list(request.images)
+        self._check_batch(images, "images")
+        labels, templates = list(request.labels), list(request.prompt_templates)
+        for i, template in enumerate(templates):
+            if LABEL_SLOT not in template:
+                raise ServingError.invalid_argument(
+                    f"prompt template {i} ({template!r}) has no {LABEL_SLOT} for the label")
+            self._check_text(template, f"prompt template {i}")
+        scale, precision = self._route_towers(call, context, (Tower.IMAGE, Tower.TEXT))
+        image_spec = self._endpoint(scale, precision, Tower.IMAGE)
+        text_spec = self._endpoint(scale, precision, Tower.TEXT)
+        sidecar = image_spec.sidecar
+        if not labels:
+            if not sidecar.labels:
+                raise ServingError.invalid_argument(
+                    f"labels is empty and endpoint {image_spec.name} has no default label set; "
+                    "send the candidate labels")
+            labels = list(sidecar.labels)
+            templates = templates or list(sidecar.prompts or [LABEL_SLOT])
+        templates = templates or [LABEL_SLOT]
+        self._check_labels(labels, templates)
+        if sidecar.temperature is None or sidecar.ood_threshold is None:
+            raise ServingError.failed_precondition(
+                f"endpoint {image_spec.name} has no fitted temperature/OOD threshold in its "
+                "sidecar; re-export the repository")
+        await self._announce(context, image_spec)
+
+        async def image_vectors() -> np.ndarray:
+            pixels = await self._decoder.decode(images, sidecar.image_size)
+            return await self._embed(call, image_spec, pixels)
+
+        async def label_vectors() -> np.ndarray:
+            prompts = [t.replace(LABEL_SLOT, label) for label in labels for t in templates]
+            ids, _ = await self._tokenize(text_spec, prompts)
+            vectors = await self._embed(call, text_spec, ids)
+            # CLIP's zero-shot recipe: average the normalised prompt embeddings per label,
+            # then renormalise.
+            mean = vectors.reshape(len(labels), len(templates), -1).mean(axis=1)
+            return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+
+        image_emb, label_emb = await asyncio.gather(image_vectors(), label_vectors())
+        cosines = image_emb.astype(np.float64) @ label_emb.astype(np.float64).T
+        probabilities = softmax(cosines, sidecar.temperature)
+        ood_scores = score_mcm(cosines, sidecar.temperature)
+        results = []
+        for probs, ood_score in zip(probabilities, ood_scores):
+            top = int(probs.argmax())
+            results.append(pb.Classification(
+                probabilities=probs.tolist(), top_index=top, top_label=labels[top],
+                confidence=float(probs[top]), ood_score=float(ood_score),
+                out_of_distribution=bool(ood_score < sidecar.ood_threshold)))
+        return pb.ClassifyResponse(
+            endpoint=self._endpoint_pb(image_spec), text_endpoint=self._endpoint_pb(text_spec),
+            labels=labels, results=results, temperature=sidecar.temperature,
+            ood_threshold=sidecar.ood_threshold)
+
+    def _check_labels(self, labels: list[str], templates: list[str]) -> None:
+        if len(labels) < 2:
+            raise ServingError.invalid_argument(
+                f"{len(labels)} label(s); classification needs at least 2")
+        seen: dict[str, int] = {}
+        for i, label in enumerate(labels):
+            if not label.strip():
+                raise ServingError.invalid_argument(f"label {i} is empty")
+            if label in seen:
+                raise ServingError.invalid_argument(
+                    f"label {i} ({label!r}) repeats label {seen[label]}")
+            seen[label] = i
+            self._check_text(label, f"label {i}")
+        if len(labels) * len(templates) > self._config.max_labels:
+            raise ServingError.invalid_argument(
+                f"{len(labels)} labels x {len(templates)} prompt templates = "
+                f"{len(labels) * len(templates)} prompts; at most {self._config.max_labels}")
+
+    async def _list_models(self) -> pb.ListModelsResponse:
+        state = self._state()
+        shares = self._routing().shares()
+        infos = []
+        for spec in self._catalog:
+            car = spec.sidecar
+            infos.append(pb.EndpointInfo(
+                endpoint=self._endpoint_pb(spec), ready=state.is_ready(spec.name),
+                image_size=car.image_size or 0, context_length=car.context_length or 0,
+                max_batch_size=spec.max_batch_size, source=car.source,
+                description=PRECISION_DESCRIPTIONS[spec.precision],
+                quantization={str(k): v if isinstance(v, str) else json.dumps(v)
+                              for k, v in (car.quantization or {}).items()},
+                temperature=car.temperature or 0.0, ood_threshold=car.ood_threshold or 0.0,
+                labels=car.labels or [],
+                routing_weight=shares.get((spec.scale, spec.precision), 0.0)))
+        return pb.ListModelsResponse(
+            endpoints=infos, scales=list(self._catalog.scales),
+            precisions=[precision_to_pb(p) for p in self._catalog.precisions()])
+
+    # -- bulk stream -----------------------------------------------------------------------
+
+    async def _stream(self, request_iterator, call: _Call):
+        """Yield one response per request item as items finish. At most stream_concurrency
+        items are in flight or waiting to be written; the reader waits for a slot, so a client
+        that sends faster than it reads is slowed down instead of growing our memory."""
+        slots = asyncio.Semaphore(self._config.stream_concurrency)
+        finished: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        end = object()
+
+        async def run_item(request) -> None:
+            await finished.put(await self._stream_item(request, call))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(run_item(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks))
+                await finished.put(end)
+            except BaseException as exc:  # hand the failure to the writer below
+                await finished.put(exc)
+                raise
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await finished.get()
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                slots.release()  # only once written: buffered results count as in flight
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _stream_item(self, request, stream_call: _Call) -> pb.EmbedStreamResponse:
+        response = pb.EmbedStreamResponse(id=request.id)
+        loop = asyncio.get_running_loop()
+        call = _Call(deadline=min(stream_call.deadline,
+                                  loop.time() + self._config.request_timeout_s),
+                     scale=stream_call.scale, precision=stream_call.precision)
+        try:
+            await asyncio.wait_for(self._embed_item(request, call, response), call.remaining())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # per-item failure: reported in the item, stream goes on
+            code, message = to_status(exc)
+            response.ClearField("embedding")
+            response.error.code = code.value[0]
+            response.error.message = message
+        return response
+
+    async def _embed_item(self, request, call: _Call, response) -> None:
+        kind = request.WhichOneof("item")
+        what = f"item {request.id!r}"
+        if kind is None:
+            raise ServingError.invalid_argument(f"{what} has neither image nor text")
+        tower = Tower.IMAGE if kind == "image" else Tower.TEXT
+        # The stream's route was fixed when it opened; only the tower varies per item.
+        spec = self._endpoint(call.scale, call.precision, tower)
+        response.endpoint.CopyFrom(self._endpoint_pb(spec))
+        if tower is Tower.IMAGE:
+            pixels = await self._decoder.decode_one(request.image, spec.sidecar.image_size, what)
+            vectors = await self._embed(call, spec, pixels[None])
+            truncated = False
+        else:
+            self._check_text(request.text, what)
+            ids, cut = await self._tokenize(spec, [request.text])
+            vectors = await self._embed(call, spec, ids)
+            truncated = cut[0]
+        response.embedding.values.extend(vectors[0].tolist())
+        response.embedding.truncated = truncated

@@ -1,0 +1,82 @@
+"""ServerConfig: flags and CLIPSERVE_* env resolve into one validated object."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from clipserve.config import add_flags, from_args
+from clipserve.server import cli
+from clipserve.server.config import ServerConfig
+
+
+def parse(argv, environ=None) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.add_parser(sub)
+    return from_args(ServerConfig, parser.parse_args(["serve", *argv]), environ or {})
+
+
+def test_defaults_are_valid():
+    config = ServerConfig()
+    assert config.repository == Path("model_repository")
+    assert config.triton_url == "" and config.routing_file is None
+    assert config.effective_decode_workers >= 1
+    assert config.effective_decode_queue == 8 * config.effective_decode_workers
+
+
+def test_flags_beat_env_which_beats_defaults():
+    config = parse(["--port", "7001", "--repository", "/r", "--routing-file", "w.json"],
+                   {"CLIPSERVE_PORT": "7002", "CLIPSERVE_METRICS_PORT": "7003",
+                    "CLIPSERVE_TRITON_URL": "triton:8001", "CLIPSERVE_REQUEST_TIMEOUT_S": "2.5"})
+    assert config.port == 7001
+    assert config.metrics_port == 7003
+    assert config.repository == Path("/r")
+    assert config.routing_file == Path("w.json")
+    assert config.triton_url == "triton:8001"
+    assert config.request_timeout_s == 2.5
+
+
+def test_serve_registers_run():
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    assert parser.parse_args(["serve"]).run is cli.run
+
+
+def test_every_field_has_help():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, ServerConfig)
+    for action in parser._actions[1:]:
+        assert action.help and not action.help.startswith(" ["), action.dest
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"port": 70000}, "port must be 0..65535"),
+    ({"port": 9000, "metrics_port": 9000}, "both 9000"),
+    ({"max_batch_items": 0}, "max_batch_items must be at least 1"),
+    ({"decode_workers": -1}, "decode_workers must be 0"),
+    ({"request_timeout_s": 0}, "request_timeout_s must be positive"),
+    ({"triton_url": "http://triton:8001"}, "triton_url must be host:port"),
+    ({"triton_url": "triton"}, "triton_url must be host:port"),
+    ({"log_level": "loud"}, "log_level must be"),
+])
+def test_invalid_values_are_rejected_with_the_field_named(changes, fragment):
+    with pytest.raises(ValueError, match="invalid server config") as info:
+        ServerConfig(**changes)
+    assert fragment in str(info.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError) as info:
+        ServerConfig(port=-1, max_labels=0)
+    assert "port must be" in str(info.value) and "max_labels" in str(info.value)
+
+
+def test_run_reports_a_bad_config_and_exits_2(capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--port", "99999"])
+    assert cli.run(args) == 2
+    assert "port must be 0..65535" in capsys.readouterr().err

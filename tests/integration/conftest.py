@@ -1,0 +1,40 @@
+"""Session fixtures for integration tests: a model repository exported by the real export
+stage (digits-s at every precision, cached by a hash of the sources that produce it) and a
+real tritonserver serving it on 127.0.0.1."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import source_digest
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@pytest.fixture(scope="session")
+def repository(cache_dir) -> Path:
+    """An exported repository: digits-s x fp32/fp16/int8/int4 x image/text."""
+    from clipserve.export.config import ExportConfig
+    from clipserve.export.pipeline import export
+
+    path = cache_dir / f"test-repository-{source_digest('export', 'clipserve')}"
+    if not (path / "report.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        building = path.with_name(path.name + ".partial")
+        shutil.rmtree(building, ignore_errors=True)
+        export(ExportConfig(models="digits-s", precisions=PRECISIONS, repository=str(building),
+                            cache_dir=str(cache_dir), throughput_seconds=0.3))
+        building.rename(path)  # a killed run leaves no half-written repository behind
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton(repository, tmp_path_factory):
+    """A started tritonserver over ``repository``; stopped at the end of the session."""
+    from clipserve.server.triton_process import TritonProcess
+
+    process = TritonProcess(repository, log_path=tmp_path_factory.mktemp("triton") / "triton.log")
+    process.start(timeout_s=300)
+    yield process
+    process.stop()

@@ -67,6 +67,8 @@ def plot(rows: list[dict], path: Path) -> Path:
                 if key == "ece":
                     ax.plot(xs, [by_p[p]["ece_calibrated"] for p in xs], "--", marker="x",
                             color=color)
+        if key == "size_bytes":
+            ax.set_yscale("log")  # text towers (vocabulary table) dwarf small image towers
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes.flat[0].legend()

@@ -51,6 +51,16 @@ def _tower_inputs(tower: Tower, shapes, data: digits.DigitsData, prompt_ids: np.
     return probe, probe
 
 
+def _calibration_batches(inputs: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    """Equal-sized batches for static INT8 calibration (ORT stacks them). ORT's percentile
+    calibrator keeps every activation of every batch in memory, so the number of images
+    shrinks with their area: 256 at 32 px, 80 at 224 px (about 2 GB for ViT-B/32)."""
+    pixels = int(np.prod(inputs.shape[1:3])) if inputs.ndim == 4 else 0
+    limit = 256 if not pixels else max(batch, min(256, 4_000_000 // pixels))
+    n = min(len(inputs), limit) // batch * batch
+    return [inputs[i:i + batch] for i in range(0, n, batch)]
+
+
 def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, prompt_ids, say):
     """ONNX files for every requested precision: {(precision, tower): (path, quantization)}."""
     variants = {(Precision.FP32, t): (fp32[t], {"method": "fp32"}) for t in Tower}
@@ -81,8 +91,7 @@ def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, pro
                     "int8-static-qdq": quantize.to_int8_static(
                         optimized, candidates["int8-static-qdq"][0],
                         evaluate.make_session(optimized).get_inputs()[0].name,
-                        # ORT stacks calibration batches: they must all have the same size.
-                        [calibration[i:i + 16] for i in range(0, min(len(calibration), 256) - 15, 16)]),
+                        _calibration_batches(calibration)),
                 }
                 speed_batch = probe[:config.throughput_batch]
 
@@ -129,24 +138,28 @@ def export_model(spec: models.ModelSpec, precisions: list[Precision], config: Ex
     variants = _make_variants(fp32, work, precisions, config, shapes, data, prompt_ids,
                               lambda m: say(f"{spec.scale} {m}"))
 
-    def image_embeddings(session) -> evaluate.EvalImages:
-        return evaluate.EvalImages(*(evaluate.embed(session, x) for x in (
-            data.calibration.images, data.test.images, data.ood_near, data.ood_far)))
-
+    # Every tower runs once over its probe set (images: test + OOD; texts: prompts + random
+    # ids); the image tower also over the calibration split. Everything below reuses these.
     sessions = {key: evaluate.make_session(path) for key, (path, _) in variants.items()}
-    images = {p: image_embeddings(sessions[p, Tower.IMAGE]) for p in {Precision.FP32, *precisions}}
-    prompt_emb = {p: evaluate.embed(sessions[p, Tower.TEXT], prompt_ids)
-                  for p in {Precision.FP32, *precisions}}
-    classes = {p: evaluate.class_embeddings(e, len(digits.CLASS_NAMES)) for p, e in prompt_emb.items()}
+    probes = {t: _tower_inputs(t, shapes, data, prompt_ids)[0] for t in Tower}
+    evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
+    probe_emb = {(p, t): evaluate.embed(sessions[p, t], probes[t]) for p in evaluated for t in Tower}
+    n_test, n_near = len(data.test.images), len(data.ood_near)
+    images, classes = {}, {}
+    for p in evaluated:
+        emb = probe_emb[p, Tower.IMAGE]
+        images[p] = evaluate.EvalImages(
+            evaluate.embed(sessions[p, Tower.IMAGE], data.calibration.images),
+            emb[:n_test], emb[n_test:n_test + n_near], emb[n_test + n_near:])
+        classes[p] = evaluate.class_embeddings(probe_emb[p, Tower.TEXT][:len(prompt_ids)],
+                                               len(digits.CLASS_NAMES))
 
     rows = []
     for precision in precisions:
         for tower in Tower:
             path, quantization = variants[precision, tower]
-            probe, _ = _tower_inputs(tower, shapes, data, prompt_ids)
-            got = evaluate.embed(sessions[precision, tower], probe)
-            ref = evaluate.embed(sessions[Precision.FP32, tower], probe)
-            cos = evaluate.cosine_to_reference(got, ref)
+            got = probe_emb[precision, tower]
+            cos = evaluate.cosine_to_reference(got, probe_emb[Precision.FP32, tower])
             if tower is Tower.IMAGE:  # the served pair: both towers at this precision
                 metrics = evaluate.classification_metrics(
                     images[precision], classes[precision], data.calibration.labels,
@@ -156,7 +169,7 @@ def export_model(spec: models.ModelSpec, precisions: list[Precision], config: Ex
                     images[Precision.FP32], classes[precision], data.calibration.labels,
                     data.test.labels, native_temperature)
                 metrics.update(temperature=None, ood_threshold=None)
-            speed = evaluate.throughput(sessions[precision, tower], probe[:config.throughput_batch],
+            speed = evaluate.throughput(sessions[precision, tower], probes[tower][:config.throughput_batch],
                                         config.throughput_seconds)
             row = {
                 "model": spec.scale, "source": spec.source, "precision": precision.value,

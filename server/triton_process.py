@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import tritonclient.grpc as grpcclient
+import urllib.error
+import urllib.request
 
 log = logging.getLogger(__name__)
 
@@ -437,25 +438,20 @@ class TritonProcess:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        client = grpcclient.InferenceServerClient(self.grpc_url)
-        try:
-            while True:
-                code = self._proc.poll()
-                if code is not None:
-                    raise RuntimeError(
-                        f"tritonserver exited with code {code} before it was ready; "
-                        + self._failure_details()
-                    )
-                if self._all_ready(client):
-                    return
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"tritonserver not ready after {timeout_s:.0f} s; "
-                        + self._failure_details()
-                    )
-                time.sleep(_READY_POLL_S)
-        finally:
-            client.close()
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {code} before it was ready; "
+                    + self._failure_details()
+                )
+            if self._all_ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"tritonserver not ready after {timeout_s:.0f} s; " + self._failure_details()
+                )
+            time.sleep(_READY_POLL_S)
 
     def _launch_log(self) -> str:
         return _read_from(self.log_path, self._log_offset)
@@ -467,17 +463,15 @@ class TritonProcess:
             where = "its log is deleted with the temp dir; pass log_path to keep it"
         return f"{where}\n{_log_excerpt(self._launch_log())}"
 
-    def _all_ready(self, client: grpcclient.InferenceServerClient) -> bool:
+    def _all_ready(self) -> bool:
+        # Plain HTTP, so tritonclient stays confined to the gateway's client module. Under
+        # --strict-readiness the server is ready only once every model in the repository is.
+        url = f"http://{self.http_url}/v2/health/ready"
         try:
-            if not client.is_server_ready(client_timeout=_RPC_TIMEOUT_S):
-                return False
-            index = client.get_model_repository_index(client_timeout=_RPC_TIMEOUT_S)
-            return all(
-                client.is_model_ready(model.name, client_timeout=_RPC_TIMEOUT_S)
-                for model in index.models
-            )
-        except grpcclient.InferenceServerException:
-            return False  # not listening yet, or a call timed out: poll again
+            with urllib.request.urlopen(url, timeout=_RPC_TIMEOUT_S) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def _cleanup(self) -> None:
         proc = self._proc

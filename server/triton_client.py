@@ -1,7 +1,6 @@
 """The :class:`~clipserve.server.backend.Backend` on a Triton server, via ``tritonclient.grpc.aio``.
 
-The only gateway module that imports tritonclient (``triton_process`` uses the sync client for
-start-up checks only). Every call carries a client timeout (the
+The only module that imports tritonclient. Every call carries a client timeout (the
 caller's remaining deadline), so a stalled Triton costs a call its deadline, never a hang. The
 channel reconnects with a short capped backoff: while Triton is down, calls fail fast with
 UNAVAILABLE, and when it returns the channel finds it within a couple of seconds without a

@@ -47,6 +47,16 @@ def score_ece(confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BI
     return float(ece)
 
 
+def score_kl(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(reference || other) in nats, row-wise, between probability rows [n, k] (e.g. a shadow
+    FP32 endpoint's softmax and a quantized one's on the same images). 0 for identical rows;
+    shape [n]. Probabilities are clipped at 1e-12 so a zero in ``other`` stays finite."""
+    p = np.asarray(reference, dtype=np.float64)
+    q = np.asarray(other, dtype=np.float64)
+    kl = (p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(axis=-1)
+    return np.maximum(kl, 0.0)  # rounding can leave -1e-17 for identical rows
+
+
 def nll(cosines: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     """Mean negative log-likelihood of the true labels under softmax(cos / T)."""
     probs = softmax(cosines, temperature)

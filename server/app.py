@@ -26,10 +26,11 @@ from .backend import Backend
 from .config import ServerConfig
 from .health import NOT_SERVING, HealthMonitor
 from .images import ImageDecoder
-from .metrics import ServerMetrics
+from .metrics import Method, ServerMetrics
 from .repository import Catalog
 from .routing import RoutingPolicy
 from .routing_file import RoutingSource
+from .security import CallGuard, KeyFile, TlsFiles
 from .service import ClipService
 from .v1 import clipserve_pb2 as pb
 from .v1 import clipserve_pb2_grpc as pb_grpc
@@ -64,6 +65,18 @@ def default_policy(catalog: Catalog, scale: str) -> RoutingPolicy:
     return RoutingPolicy.single(scale, (complete or present)[0])
 
 
+def count_refusals(metrics: ServerMetrics):
+    """CallGuard's on_reject: calls refused before the servicer (no key, over the concurrency
+    bound, unparsable body) are counted in clipserve_requests_total like any other outcome."""
+    def count(method_path: str, code: grpc.StatusCode) -> None:
+        try:
+            method = Method(method_path.rsplit("/", 1)[-1])
+        except ValueError:  # not one of ours (reflection)
+            return
+        metrics.observe_call(method, None, None, code, 0.0)
+    return count
+
+
 def load_tokenizers(catalog: Catalog) -> dict:
     """Text endpoint name -> ClipTokenizer; raises ValueError when a tokenizer is missing."""
     from clipserve.tokenizer import ClipTokenizer
@@ -96,21 +109,25 @@ class Gateway:
         self._backend = backend
         self._triton = None  # TritonProcess when we started one
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None  # plaintext probes (health_port)
         self._metrics_http = None
         self._decoder: ImageDecoder | None = None
         self._tasks: list[asyncio.Task] = []
         self.health = health_aio.HealthServicer()
         self.routing: RoutingSource | None = None
         self.monitor: HealthMonitor | None = None
+        self.keys: KeyFile | None = None
+        self.guard: CallGuard | None = None
         self.port: int | None = None
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
         """Read the repository, connect to (or start) Triton, start serving.
 
         Raises:
-            ValueError: the repository or routing file is unusable.
-            RuntimeError: the tritonserver child failed to start.
+            ValueError: the repository, routing file, API key file or a TLS file is unusable.
+            RuntimeError: the tritonserver child failed to start, or a port cannot be bound.
         """
         config = self.config
         log.info("clipserve serve: %s", describe(config))
@@ -122,6 +139,11 @@ class Gateway:
                                      catalog.targets(), metrics)
         for service in ("", *SERVICE_NAMES):
             await self.health.set(service, NOT_SERVING)
+        # Key and TLS files are read before Triton starts, so a bad one fails the start fast.
+        if config.api_keys_file is not None:
+            self.keys = KeyFile(config.api_keys_file, SERVICE_NAMES)
+        tls = (TlsFiles(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+               if config.tls_cert_file is not None else None)
 
         if self._backend is None:
             self._backend = await self._connect_triton()
@@ -140,28 +162,56 @@ class Gateway:
                               decoder=self._decoder, tokenizers=tokenizers, metrics=metrics,
                               routing=lambda: self.routing.policy,
                               state=lambda: self.monitor.state)
-        self._server = grpc.aio.server(options=[
+        open_services = {health_sync.SERVICE_NAME}
+        if not config.reflection_needs_key:
+            open_services.add(reflection.SERVICE_NAME)
+        self.guard = CallGuard(keys=lambda: self.keys.keys if self.keys else None,
+                               open_services=open_services,
+                               max_concurrent_calls=config.max_concurrent_calls,
+                               on_reject=count_refusals(metrics))
+        self._server = grpc.aio.server(interceptors=[self.guard], options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ])
         pb_grpc.add_EmbeddingServiceServicer_to_server(service, self._server)
         pb_grpc.add_ClassificationServiceServicer_to_server(service, self._server)
         pb_grpc.add_ModelServiceServicer_to_server(service, self._server)
+        pb_grpc.add_FeedbackServiceServicer_to_server(service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_sync.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        self.port = (self._server.add_secure_port(address, tls.credentials()) if tls
+                     else self._server.add_insecure_port(address))
         if not self.port:
-            raise RuntimeError(f"cannot bind gRPC port {config.host}:{config.port}")
+            raise RuntimeError(f"cannot bind gRPC port {address}")
+        if config.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{config.host}:{config.health_port}")
+            if not self.health_port:
+                raise RuntimeError(f"cannot bind health port {config.host}:{config.health_port}")
         self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host,
                                                   registry=self.registry)
         self.metrics_port = self._metrics_http.server_port
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         self._tasks = [asyncio.create_task(self.monitor.run(), name="health"),
                        asyncio.create_task(self.routing.watch(config.routing_poll_s),
-                                           name="routing")]
-        log.info("serving gRPC on %s:%d, metrics on %s:%d", config.host, self.port,
-                 config.host, self.metrics_port)
+                                           name="routing"),
+                       asyncio.create_task(service.run_background(), name="live-quality")]
+        if self.keys is not None:
+            self._tasks.append(asyncio.create_task(self.keys.watch(config.api_keys_poll_s),
+                                                   name="api-keys"))
+        log.info("serving gRPC on %s:%d (%s, %s, at most %s concurrent calls), metrics on "
+                 "%s:%d%s", config.host, self.port,
+                 "mutual TLS" if tls and tls.mutual else "TLS" if tls else "plaintext",
+                 "API keys" if self.keys else "no API keys",
+                 config.max_concurrent_calls or "unbounded", config.host, self.metrics_port,
+                 f", plaintext health on {config.host}:{self.health_port}"
+                 if self._health_server is not None else "")
 
     async def _connect_triton(self) -> Backend:
         from .triton_client import TritonBackend
@@ -170,12 +220,23 @@ class Gateway:
             return TritonBackend(self.config.triton_url)
         from .triton_process import TritonProcess
 
-        self._triton = TritonProcess(Path(self.config.repository))
+        # Triton's own /metrics on the gateway's host (reachable where the gateway's is).
+        self._triton = TritonProcess(Path(self.config.repository),
+                                     metrics_port=self.config.triton_metrics_port,
+                                     extra_args=(f"--metrics-address={self.config.host}",))
         log.info("starting tritonserver on %s", self.config.repository)
         # start() blocks until every model is ready (or raises with Triton's log excerpt).
         await asyncio.to_thread(self._triton.start, self.config.triton_start_timeout_s)
-        log.info("tritonserver ready at %s", self._triton.grpc_url)
+        log.info("tritonserver ready at %s; its metrics at %s", self._triton.grpc_url,
+                 self._triton.metrics_url)
         return TritonBackend(self._triton.grpc_url)
+
+    def reload(self) -> None:
+        """Re-read the routing file and the API key file now (SIGHUP)."""
+        if self.routing is not None:
+            self.routing.reload()
+        if self.keys is not None:
+            self.keys.reload()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace_s`` (default the
@@ -185,6 +246,9 @@ class Gateway:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        if self._health_server is not None:  # probes see NOT_SERVING until the drain ends
+            await self._health_server.stop(0)
+            self._health_server = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -206,7 +270,8 @@ class Gateway:
 
 
 async def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the routing file. Returns an exit code.
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the routing and API key files. Returns an
+    exit code.
 
     A signal that arrives while a tritonserver child is starting takes effect once the start
     returns (bounded by triton_start_timeout_s): stopping it half-way would orphan the child.
@@ -218,7 +283,7 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await gateway.start()
-        loop.add_signal_handler(signal.SIGHUP, gateway.routing.reload)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
         await stop.wait()
         log.info("shutting down: draining calls for up to %.1f s", config.shutdown_grace_s)
     finally:

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipserve.endpoints import Precision
+
 _MIB = 1024 * 1024
 
 
@@ -58,7 +60,29 @@ class ServerConfig:
     max_labels: int = field(default=1000, metadata=_help(
         "most labels x prompt templates in one Classify call"))
     max_message_bytes: int = field(default=64 * _MIB, metadata=_help(
-        "largest gRPC request message"))
+        "largest gRPC request message (larger: RESOURCE_EXHAUSTED from gRPC itself)"))
+    max_concurrent_calls: int = field(default=256, metadata=_help(
+        "clipserve.v1 calls in progress at once (a stream counts as one while open); more get "
+        "RESOURCE_EXHAUSTED at once instead of waiting in an unbounded queue. 0: no bound"))
+    tls_cert_file: Path | None = field(default=None, metadata=_help(
+        "PEM certificate chain for TLS on the gRPC port (with tls_key_file); unset: plaintext. "
+        "Re-read when it changes"))
+    tls_key_file: Path | None = field(default=None, metadata=_help(
+        "PEM private key of tls_cert_file"))
+    tls_client_ca_file: Path | None = field(default=None, metadata=_help(
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS); needs "
+        "tls_cert_file"))
+    api_keys_file: Path | None = field(default=None, metadata=_help(
+        "file of API keys, one per line (optionally followed by the services it may call, "
+        "e.g. 'KEY EmbeddingService,ModelService'); calls then need metadata "
+        "'authorization: Bearer KEY'. Re-read when it changes and on SIGHUP. Unset: no keys"))
+    api_keys_poll_s: float = field(default=5.0, metadata=_help(
+        "how often the API key file's modification time is checked"))
+    reflection_needs_key: bool = field(default=True, metadata=_help(
+        "with api_keys_file: server reflection needs a key too (health never does)"))
+    health_port: int | None = field(default=None, metadata=_help(
+        "extra plaintext port serving only grpc.health.v1, without TLS or key, for Kubernetes "
+        "gRPC probes (which cannot do TLS); 0: any free port; unset: none"))
     decode_workers: int = field(default=0, metadata=_help(
         "threads decoding and resizing images; 0: one per CPU"))
     decode_queue: int = field(default=0, metadata=_help(
@@ -71,12 +95,44 @@ class ServerConfig:
         "how often Triton readiness is polled into gRPC health"))
     shutdown_grace_s: float = field(default=10.0, metadata=_help(
         "on SIGTERM/SIGINT, how long in-flight calls may take to finish"))
+    triton_metrics_port: int = field(default=0, metadata=_help(
+        "Prometheus port of the tritonserver child (Triton's own metrics, bound on host); 0: any "
+        "free port, logged at start. Not used with triton_url: scrape that Triton directly"))
+    ood_labels: tuple[str, ...] = field(default=(), metadata=_help(
+        "the deployment's in-distribution labels, comma-separated: every image served is scored "
+        "against them (MCM) for the live OOD rate. Empty: each image endpoint's own label set, "
+        "the one its OOD threshold was fitted on"))
+    ood_prompts: tuple[str, ...] = field(default=(), metadata=_help(
+        "prompt templates for the live OOD label set, comma-separated, each with {} for the "
+        "label. Empty: the sidecar's templates (or, with ood_labels, the labels verbatim)"))
+    calibration_window: int = field(default=1000, metadata=_help(
+        "outcomes per endpoint in the sliding window behind clipserve_calibration_ece and "
+        "clipserve_calibration_accuracy (fed by ReportOutcome)"))
+    outcome_ttl_s: float = field(default=3600.0, metadata=_help(
+        "how long a call's predictions are kept for ReportOutcome"))
+    outcome_store_mib: int = field(default=64, metadata=_help(
+        "memory for predictions kept for ReportOutcome, in MiB; the oldest go first"))
+    label_cache_mib: int = field(default=64, metadata=_help(
+        "memory for cached label text embeddings (live OOD and Classify), in MiB"))
+    shadow_fraction: float = field(default=0.0, metadata=_help(
+        "share of image calls (EmbedImages, Classify) mirrored in the background to "
+        "shadow_precision for top-1 agreement, cosine and KL metrics; 0: off"))
+    shadow_precision: str = field(default="fp32", metadata=_help(
+        "the reference precision shadow calls are compared against"))
+    shadow_queue_mib: int = field(default=32, metadata=_help(
+        "memory for mirrored calls waiting to be compared, in MiB; when full, calls are not "
+        "mirrored (counted in clipserve_shadow_dropped_total) and never wait"))
     log_level: str = field(default="INFO", metadata=_help("Python logging level"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repository", Path(self.repository))
         if self.routing_file is not None:
             object.__setattr__(self, "routing_file", Path(self.routing_file))
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "api_keys_file"):
+            value = getattr(self, name)
+            # An empty env var (a Kubernetes base that leaves it blank) means unset.
+            object.__setattr__(self, name, None if value is None or str(value) in ("", ".")
+                               else Path(value))
         problems = []
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
@@ -84,6 +140,19 @@ class ServerConfig:
                 problems.append(f"{name} must be 0..65535, got {value}")
         if self.port and self.port == self.metrics_port:
             problems.append(f"port and metrics_port are both {self.port}")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                problems.append(f"health_port must be 0..65535, got {self.health_port}")
+            elif self.health_port and self.health_port in (self.port, self.metrics_port):
+                problems.append(f"health_port {self.health_port} is also port or metrics_port")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                            "tls_key_file")
+        if self.max_concurrent_calls < 0:
+            problems.append(f"max_concurrent_calls must be 0 (no bound) or more, got "
+                            f"{self.max_concurrent_calls}")
         for name in ("max_batch_items", "max_image_bytes", "max_image_pixels",
                      "max_text_chars", "max_labels", "max_message_bytes",
                      "stream_concurrency"):
@@ -93,7 +162,7 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 (automatic) or more, got {getattr(self, name)}")
         for name in ("triton_start_timeout_s", "routing_poll_s", "request_timeout_s",
-                     "health_poll_s"):
+                     "health_poll_s", "api_keys_poll_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:
@@ -101,11 +170,42 @@ class ServerConfig:
         if self.triton_url and ("://" in self.triton_url or ":" not in self.triton_url):
             problems.append(f"triton_url must be host:port (gRPC, no scheme), got "
                             f"{self.triton_url!r}")
+        problems += self._live_quality_problems()
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             problems.append(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got "
                             f"{self.log_level!r}")
         if problems:
             raise ValueError("invalid server config: " + "; ".join(problems))
+
+    def _live_quality_problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.triton_metrics_port <= 65535:
+            problems.append(f"triton_metrics_port must be 0..65535, got {self.triton_metrics_port}")
+        if self.ood_labels and (len(self.ood_labels) < 2
+                                or len(set(self.ood_labels)) != len(self.ood_labels)):
+            problems.append(f"ood_labels must be at least 2 distinct labels, got "
+                            f"{','.join(self.ood_labels)!r}")
+        for template in self.ood_prompts:
+            if "{}" not in template:
+                problems.append(f"ood_prompts template {template!r} has no {{}} for the label")
+        for name in ("calibration_window", "outcome_store_mib", "label_cache_mib",
+                     "shadow_queue_mib"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.outcome_ttl_s <= 0:
+            problems.append(f"outcome_ttl_s must be positive, got {self.outcome_ttl_s}")
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            problems.append(f"shadow_fraction must be 0..1, got {self.shadow_fraction}")
+        try:
+            Precision.parse(self.shadow_precision)
+        except ValueError as exc:
+            problems.append(f"shadow_precision: {exc}")
+        return problems
+
+    @property
+    def shadow_reference(self) -> Precision:
+        """shadow_precision as a Precision."""
+        return Precision.parse(self.shadow_precision)
 
     @property
     def effective_decode_workers(self) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -24,6 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ServingError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow format names
+# What Pillow raises for malformed data, besides UnidentifiedImageError (an OSError).
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -94,6 +98,9 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
         raise ServingError.invalid_argument(
             f"{what} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels; at most {max_pixels} "
             "are accepted") from None
+    except _CORRUPT as exc:
+        # A recognised format whose header breaks off or lies (a truncated JPEG or WebP).
+        raise ServingError.invalid_argument(f"{what} is corrupt: {exc}") from None
     with img:
         width, height = img.size
         if width * height > max_pixels:
@@ -102,12 +109,25 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
                 "are accepted")
         if width < 1 or height < 1:
             raise ServingError.invalid_argument(f"{what} has no pixels ({width}x{height})")
+        # A long thin image is small, but resizing its short side up to S makes the other
+        # side huge (1x40000 at S=224: 224x8960000): bound the resized image too.
+        resized_w, resized_h = _resized_size(width, height, size)
+        if resized_w * resized_h > max_pixels:
+            raise ServingError.invalid_argument(
+                f"{what} is {width}x{height}: with its short side resized to {size} it would "
+                f"have {resized_w}x{resized_h} pixels; at most {max_pixels} are accepted "
+                "(crop extreme aspect ratios first)")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img.load()
+            if img.mode.startswith("I;16"):
+                # Pillow's RGB conversion clips 16-bit grey at 255, turning most of an image
+                # white; keep the high byte, as Pillow does for 16-bit colour.
+                img = Image.fromarray(
+                    (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), "L")
             return resize_center_crop(img, size)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (*_CORRUPT, Image.DecompressionBombError) as exc:
             # Pillow reports truncated and malformed data as OSError/SyntaxError/ValueError.
             raise ServingError.invalid_argument(f"{what} is corrupt: {exc}") from None
 
@@ -128,20 +148,31 @@ class ImageDecoder:
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
 
-    async def decode_one(self, data: bytes, size: int, what: str = "image") -> np.ndarray:
+    async def decode_one(self, data: bytes, size: int, what: str = "image",
+                         waits: list[float] | None = None) -> np.ndarray:
         """One image -> uint8 [size, size, 3]; raises ServingError (INVALID_ARGUMENT) whose
-        message names the item as ``what``."""
+        message names the item as ``what``. With ``waits``, appends the seconds the image
+        waited for a slot and a thread before its decoding started (for metrics)."""
+        queued = time.perf_counter()
+
+        def work() -> np.ndarray:
+            if waits is not None:
+                waits.append(time.perf_counter() - queued)  # list.append is thread-safe
+            return preprocess(data, size, max_bytes=self._max_bytes,
+                              max_pixels=self._max_pixels, what=what)
+
         async with self._slots:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._pool, lambda: preprocess(data, size, max_bytes=self._max_bytes,
-                                               max_pixels=self._max_pixels, what=what))
+            return await loop.run_in_executor(self._pool, work)
 
-    async def decode(self, images: Sequence[bytes], size: int) -> np.ndarray:
+    async def decode(self, images: Sequence[bytes], size: int,
+                     waits: list[float] | None = None) -> np.ndarray:
         """A batch -> uint8 [n, size, size, 3]. Every item is tried; the lowest-numbered failure
-        is raised (ServingError), so the message is deterministic."""
+        is raised (ServingError), so the message is deterministic. ``waits``: see
+        :meth:`decode_one`."""
         results = await asyncio.gather(
-            *(self.decode_one(data, size, f"image {i}") for i, data in enumerate(images)),
+            *(self.decode_one(data, size, f"image {i}", waits)
+              for i, data in enumerate(images)),
             return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

@@ -16,7 +16,8 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
 import grpc
@@ -30,7 +31,8 @@ from .config import ServerConfig
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
-from .metrics import Method, ServerMetrics
+from .live_quality import LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings, average_prompts
+from .metrics import Method, Phase, ServerMetrics
 from .repository import Catalog, EndpointSpec
 from .routing import HEADER_ENDPOINT, RoutingPolicy, Target, route
 from .v1 import clipserve_pb2 as pb
@@ -38,7 +40,18 @@ from .v1 import clipserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-LABEL_SLOT = "{}"  # where a label goes in a prompt template
+HEADER_REQUEST_ID = "x-clip-request-id"  # response: the server's id for the call
+
+
+def live_settings(config: ServerConfig) -> LiveSettings:
+    """The live-quality knobs of ``config``."""
+    return LiveSettings(
+        id_labels=tuple(config.ood_labels), id_prompts=tuple(config.ood_prompts),
+        calibration_window=config.calibration_window, outcome_ttl_s=config.outcome_ttl_s,
+        outcome_max_bytes=config.outcome_store_mib << 20,
+        label_cache_max_bytes=config.label_cache_mib << 20,
+        shadow_fraction=config.shadow_fraction, shadow_reference=config.shadow_reference,
+        shadow_queue_max_bytes=config.shadow_queue_mib << 20)
 
 
 class Tokenizer(Protocol):
@@ -74,8 +87,11 @@ class _Call:
     """Per-call bookkeeping: what metrics label it with, and when its time is up."""
 
     deadline: float  # event-loop time
+    method: Method
     scale: str | None = None
     precision: Precision | None = None
+    # Request data never becomes a metric label; this id only keys stored predictions.
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def remaining(self) -> float:
         """Seconds left; raises DEADLINE_EXCEEDED when none are."""
@@ -86,8 +102,11 @@ class _Call:
 
 
 class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServiceServicer,
-                  pb_grpc.ModelServiceServicer):
-    """EmbeddingService, ClassificationService and ModelService.
+                  pb_grpc.ModelServiceServicer, pb_grpc.FeedbackServiceServicer):
+    """EmbeddingService, ClassificationService, ModelService and FeedbackService.
+
+    Live quality (OOD scores, confidences, stored predictions, shadow comparison) goes through
+    :attr:`live`; its background work is :meth:`run_background`, which the app runs as a task.
 
     Args:
         config: limits and timeouts.
@@ -98,7 +117,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         metrics: where calls are recorded.
         routing: returns the current A/B policy (it may change between calls).
         state: returns the current readiness snapshot.
-        rng: randomness for calls without a routing key.
+        rng: randomness for calls without a routing key (and shadow sampling).
     """
 
     def __init__(self, *, config: ServerConfig, catalog: Catalog, backend: Backend,
@@ -114,6 +133,13 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._routing = routing
         self._state = state
         self._rng = rng or random.Random()
+        self.live = LiveQuality(catalog=catalog, metrics=metrics, settings=live_settings(config),
+                                compute_labels=self._compute_labels, embed=self._shadow_embed,
+                                rng=random.Random(self._rng.random()))
+
+    async def run_background(self) -> None:
+        """Warm the label-embedding cache and run the shadow worker, until cancelled."""
+        await self.live.run()
 
     # -- the RPCs --------------------------------------------------------------------------
 
@@ -133,8 +159,13 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         return await self._unary(Method.LIST_MODELS, context,
                                  lambda call: self._list_models())
 
+    async def ReportOutcome(self, request, context):
+        return await self._unary(Method.REPORT_OUTCOME, context,
+                                 lambda call: self._report_outcome(request, call))
+
     async def EmbedStream(self, request_iterator, context):
-        call = _Call(deadline=self._call_deadline(context, stream=True))
+        call = _Call(deadline=self._call_deadline(context, stream=True),
+                     method=Method.EMBED_STREAM)
         async with self._observed(Method.EMBED_STREAM, context, call):
             state = self._state()
             scale, precision = self._route(call, context, lambda target: any(
@@ -144,7 +175,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             if not names:
                 raise ServingError.not_found(
                     f"no endpoint for {scale} {precision.value} in this repository")
-            await context.send_initial_metadata(tuple((HEADER_ENDPOINT, n) for n in names))
+            await context.send_initial_metadata(
+                (*((HEADER_ENDPOINT, n) for n in names), (HEADER_REQUEST_ID, call.request_id)))
             async for response in self._stream(request_iterator, call):
                 yield response
 
@@ -167,6 +199,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         and abort the call with it; record the outcome in metrics."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        in_flight = self._metrics.in_flight.labels(method=method.value)
+        in_flight.inc()
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):  # client gone or deadline passed
@@ -176,12 +210,13 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             code, message = to_status(exc)
             await context.abort(code, message)
         finally:
+            in_flight.dec()
             self._metrics.observe_call(method, call.scale, call.precision, code,
                                        time.perf_counter() - started)
 
     async def _unary(self, method: Method, context,
                      handler: Callable[[_Call], Awaitable[object]]):
-        call = _Call(deadline=self._call_deadline(context))
+        call = _Call(deadline=self._call_deadline(context), method=method)
         async with self._observed(method, context, call):
             timeout = call.deadline - asyncio.get_running_loop().time()
             return await asyncio.wait_for(handler(call), timeout)
@@ -231,19 +266,54 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         ids, truncated = await asyncio.to_thread(tokenizer.encode, list(texts))
         return np.ascontiguousarray(ids, dtype=np.int32), list(truncated)
 
-    async def _embed(self, call: _Call, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
+    async def _run_endpoint(self, spec: EndpointSpec, batch: np.ndarray,
+                            timeout_s: float) -> np.ndarray:
         """Run the endpoint on ``batch`` in chunks of its max_batch_size (sent concurrently so
         Triton's dynamic batcher sees them together)."""
         chunk = spec.max_batch_size or len(batch)
+        for i in range(0, len(batch), chunk):
+            self._metrics.observe_batch(spec.tower, spec.scale, spec.precision,
+                                        len(batch[i:i + chunk]))
         parts = await asyncio.gather(*(
-            self._backend.embed(spec.name, spec.input_name, batch[i:i + chunk], call.remaining())
+            self._backend.embed(spec.name, spec.input_name, batch[i:i + chunk], timeout_s)
             for i in range(0, len(batch), chunk)))
         vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if vectors.shape != (len(batch), spec.sidecar.embed_dim):
             raise RuntimeError(f"{spec.name} returned embeddings of shape {vectors.shape} for "
                                f"{len(batch)} items of dimension {spec.sidecar.embed_dim}")
-        self._metrics.observe_items(spec.tower, spec.scale, spec.precision, len(batch))
         return np.asarray(vectors, dtype=np.float32)
+
+    async def _embed(self, call: _Call, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
+        """A client's batch through the endpoint, within the call's deadline, recorded."""
+        started = time.perf_counter()
+        vectors = await self._run_endpoint(spec, batch, call.remaining())
+        self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.TRITON,
+                                    time.perf_counter() - started)
+        self._metrics.observe_items(spec.tower, spec.scale, spec.precision, len(batch))
+        return vectors
+
+    async def _decode(self, call: _Call, spec: EndpointSpec,
+                      images: Sequence[bytes]) -> np.ndarray:
+        """Preprocess a call's images, recording the preprocess and queue phases."""
+        waits: list[float] = []
+        started = time.perf_counter()
+        pixels = await self._decoder.decode(images, spec.sidecar.image_size, waits)
+        self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.PREPROCESS,
+                                    time.perf_counter() - started)
+        self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
+                                    max(waits, default=0.0))
+        return pixels
+
+    async def _compute_labels(self, key: LabelSetKey) -> np.ndarray:
+        """Label embeddings of ``key`` from its text endpoint (what the cache stores)."""
+        spec = self._endpoint(key.scale, key.precision, Tower.TEXT)
+        ids, _ = await self._tokenize(spec, key.prompts())
+        vectors = await self._run_endpoint(spec, ids, self._config.request_timeout_s)
+        return average_prompts(vectors, len(key.labels))
+
+    async def _shadow_embed(self, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
+        self._endpoint(spec.scale, spec.precision, spec.tower)  # UNAVAILABLE unless ready
+        return await self._run_endpoint(spec, batch, self._config.request_timeout_s)
 
     @staticmethod
     def _endpoint_pb(spec: EndpointSpec) -> pb.Endpoint:
@@ -252,8 +322,9 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                            tower=tower_to_pb(spec.tower), embed_dim=spec.sidecar.embed_dim)
 
     @staticmethod
-    async def _announce(context, *specs: EndpointSpec) -> None:
-        await context.send_initial_metadata(tuple((HEADER_ENDPOINT, s.name) for s in specs))
+    async def _announce(context, call: _Call, *specs: EndpointSpec) -> None:
+        await context.send_initial_metadata(
+            (*((HEADER_ENDPOINT, s.name) for s in specs), (HEADER_REQUEST_ID, call.request_id)))
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -262,12 +333,14 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._check_batch(images, "images")
         scale, precision = self._route_towers(call, context, (Tower.IMAGE,))
         spec = self._endpoint(scale, precision, Tower.IMAGE)
-        await self._announce(context, spec)
-        pixels = await self._decoder.decode(images, spec.sidecar.image_size)
+        await self._announce(context, call, spec)
+        pixels = await self._decode(call, spec, images)
         vectors = await self._embed(call, spec, pixels)
+        self.live.score_images(spec, vectors, pixels, call.request_id)
         return pb.EmbedImagesResponse(
             endpoint=self._endpoint_pb(spec),
-            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()])
+            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
+            request_id=call.request_id)
 
     async def _embed_texts(self, request, context, call: _Call) -> pb.EmbedTextsResponse:
         texts = list(request.texts)
@@ -276,8 +349,11 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             self._check_text(text, f"text {i}")
         scale, precision = self._route_towers(call, context, (Tower.TEXT,))
         spec = self._endpoint(scale, precision, Tower.TEXT)
-        await self._announce(context, spec)
+        await self._announce(context, call, spec)
+        started = time.perf_counter()
         ids, truncated = await self._tokenize(spec, texts)
+        self._metrics.observe_phase(call.method, scale, precision, Phase.PREPROCESS,
+                                    time.perf_counter() - started)
         vectors = await self._embed(call, spec, ids)
         return pb.EmbedTextsResponse(
             endpoint=self._endpoint_pb(spec),
@@ -310,25 +386,22 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             raise ServingError.failed_precondition(
                 f"endpoint {image_spec.name} has no fitted temperature/OOD threshold in its "
                 "sidecar; re-export the repository")
-        await self._announce(context, image_spec)
+        await self._announce(context, call, image_spec)
+        # Label embeddings come from the cache (computed once per scale, precision, labels and
+        # templates), never re-embedded per call.
+        key = LabelSetKey(scale, precision, tuple(labels), tuple(templates))
 
-        async def image_vectors() -> np.ndarray:
-            pixels = await self._decoder.decode(images, sidecar.image_size)
-            return await self._embed(call, image_spec, pixels)
+        async def image_vectors() -> tuple[np.ndarray, np.ndarray]:
+            pixels = await self._decode(call, image_spec, images)
+            return pixels, await self._embed(call, image_spec, pixels)
 
-        async def label_vectors() -> np.ndarray:
-            prompts = [t.replace(LABEL_SLOT, label) for label in labels for t in templates]
-            ids, _ = await self._tokenize(text_spec, prompts)
-            vectors = await self._embed(call, text_spec, ids)
-            # CLIP's zero-shot recipe: average the normalised prompt embeddings per label,
-            # then renormalise.
-            mean = vectors.reshape(len(labels), len(templates), -1).mean(axis=1)
-            return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
-
-        image_emb, label_emb = await asyncio.gather(image_vectors(), label_vectors())
+        (pixels, image_emb), label_emb = await asyncio.gather(image_vectors(),
+                                                              self.live.labels.get(key))
         cosines = image_emb.astype(np.float64) @ label_emb.astype(np.float64).T
         probabilities = softmax(cosines, sidecar.temperature)
         ood_scores = score_mcm(cosines, sidecar.temperature)
+        self.live.classified(image_spec, key, probabilities, ood_scores, call.request_id, pixels,
+                             image_emb)
         results = []
         for probs, ood_score in zip(probabilities, ood_scores):
             top = int(probs.argmax())
@@ -339,7 +412,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         return pb.ClassifyResponse(
             endpoint=self._endpoint_pb(image_spec), text_endpoint=self._endpoint_pb(text_spec),
             labels=labels, results=results, temperature=sidecar.temperature,
-            ood_threshold=sidecar.ood_threshold)
+            ood_threshold=sidecar.ood_threshold, request_id=call.request_id)
 
     def _check_labels(self, labels: list[str], templates: list[str]) -> None:
         if len(labels) < 2:
@@ -358,6 +431,16 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             raise ServingError.invalid_argument(
                 f"{len(labels)} labels x {len(templates)} prompt templates = "
                 f"{len(labels) * len(templates)} prompts; at most {self._config.max_labels}")
+
+    async def _report_outcome(self, request, call: _Call) -> pb.ReportOutcomeResponse:
+        outcomes = [(o.index, o.true_label) for o in request.outcomes]
+        if len(outcomes) > self._config.max_batch_items:
+            raise ServingError.invalid_argument(
+                f"{len(outcomes)} outcomes in one call; at most {self._config.max_batch_items}")
+        prediction = self.live.report(request.request_id, outcomes)
+        call.scale, call.precision = prediction.scale, prediction.precision
+        spec = self._catalog.get(prediction.scale, prediction.precision, Tower.IMAGE)
+        return pb.ReportOutcomeResponse(accepted=len(outcomes), endpoint=self._endpoint_pb(spec))
 
     async def _list_models(self) -> pb.ListModelsResponse:
         state = self._state()
@@ -427,7 +510,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         loop = asyncio.get_running_loop()
         call = _Call(deadline=min(stream_call.deadline,
                                   loop.time() + self._config.request_timeout_s),
-                     scale=stream_call.scale, precision=stream_call.precision)
+                     method=stream_call.method, scale=stream_call.scale,
+                     precision=stream_call.precision, request_id=stream_call.request_id)
         try:
             await asyncio.wait_for(self._embed_item(request, call, response), call.remaining())
         except asyncio.CancelledError:
@@ -449,12 +533,24 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         spec = self._endpoint(call.scale, call.precision, tower)
         response.endpoint.CopyFrom(self._endpoint_pb(spec))
         if tower is Tower.IMAGE:
-            pixels = await self._decoder.decode_one(request.image, spec.sidecar.image_size, what)
+            waits: list[float] = []
+            started = time.perf_counter()
+            pixels = await self._decoder.decode_one(request.image, spec.sidecar.image_size, what,
+                                                    waits)
+            self._metrics.observe_phase(call.method, spec.scale, spec.precision,
+                                        Phase.PREPROCESS, time.perf_counter() - started)
+            self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
+                                        max(waits, default=0.0))
             vectors = await self._embed(call, spec, pixels[None])
+            # Stream items are scored for the OOD rate but neither stored nor mirrored.
+            self.live.score_images(spec, vectors, None, None)
             truncated = False
         else:
             self._check_text(request.text, what)
+            started = time.perf_counter()
             ids, cut = await self._tokenize(spec, [request.text])
+            self._metrics.observe_phase(call.method, spec.scale, spec.precision,
+                                        Phase.PREPROCESS, time.perf_counter() - started)
             vectors = await self._embed(call, spec, ids)
             truncated = cut[0]
         response.embedding.values.extend(vectors[0].tolist())

@@ -33,6 +33,9 @@ _CHANNEL_ARGS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A host name with several addresses (Kubernetes: a headless Service over the Triton pods)
+    # gets calls spread over all of them, not pinned to the first one's connection.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

@@ -52,12 +52,14 @@ class EmbedImagesRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
-    __slots__ = ("endpoint", "embeddings")
+    __slots__ = ("endpoint", "embeddings", "request_id")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EmbedTextsRequest(_message.Message):
     __slots__ = ("texts",)
@@ -138,20 +140,22 @@ class Classification(_message.Message):
     def __init__(self, probabilities: _Optional[_Iterable[float]] = ..., top_index: _Optional[int] = ..., top_label: _Optional[str] = ..., confidence: _Optional[float] = ..., ood_score: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("endpoint", "text_endpoint", "labels", "results", "temperature", "ood_threshold")
+    __slots__ = ("endpoint", "text_endpoint", "labels", "results", "temperature", "ood_threshold", "request_id")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     OOD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     text_endpoint: Endpoint
     labels: _containers.RepeatedScalarFieldContainer[str]
     results: _containers.RepeatedCompositeFieldContainer[Classification]
     temperature: float
     ood_threshold: float
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., text_endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., temperature: _Optional[float] = ..., ood_threshold: _Optional[float] = ...) -> None: ...
+    request_id: str
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., text_endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., temperature: _Optional[float] = ..., ood_threshold: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -201,3 +205,27 @@ class ListModelsResponse(_message.Message):
     scales: _containers.RepeatedScalarFieldContainer[str]
     precisions: _containers.RepeatedScalarFieldContainer[Precision]
     def __init__(self, endpoints: _Optional[_Iterable[_Union[EndpointInfo, _Mapping]]] = ..., scales: _Optional[_Iterable[str]] = ..., precisions: _Optional[_Iterable[_Union[Precision, str]]] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("index", "true_label")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TRUE_LABEL_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    true_label: str
+    def __init__(self, index: _Optional[int] = ..., true_label: _Optional[str] = ...) -> None: ...
+
+class ReportOutcomeRequest(_message.Message):
+    __slots__ = ("request_id", "outcomes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    outcomes: _containers.RepeatedCompositeFieldContainer[Outcome]
+    def __init__(self, request_id: _Optional[str] = ..., outcomes: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ...) -> None: ...
+
+class ReportOutcomeResponse(_message.Message):
+    __slots__ = ("accepted", "endpoint")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    endpoint: Endpoint
+    def __init__(self, accepted: _Optional[int] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ...) -> None: ...

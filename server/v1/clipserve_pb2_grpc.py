@@ -343,3 +343,84 @@ class ModelService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FeedbackServiceStub:
+    """Delayed ground truth for live calibration metrics.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReportOutcome = channel.unary_unary(
+                '/clipserve.v1.FeedbackService/ReportOutcome',
+                request_serializer=clipserve_dot_v1_dot_clipserve__pb2.ReportOutcomeRequest.SerializeToString,
+                response_deserializer=clipserve_dot_v1_dot_clipserve__pb2.ReportOutcomeResponse.FromString,
+                _registered_method=True)
+
+
+class FeedbackServiceServicer:
+    """Delayed ground truth for live calibration metrics.
+    """
+
+    def ReportOutcome(self, request, context):
+        """True labels for images of an earlier EmbedImages or Classify call, by its request id. They
+        feed the serving endpoint's sliding-window accuracy and ECE (clipserve_calibration_*).
+        Predictions are kept for a limited time and memory (server flags outcome_ttl_s,
+        outcome_store_mib): an unknown, expired or evicted id is NOT_FOUND. All outcomes are checked
+        before any is applied: an index out of range or a label the call did not score is
+        INVALID_ARGUMENT, an image that already has an outcome ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FeedbackServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=clipserve_dot_v1_dot_clipserve__pb2.ReportOutcomeRequest.FromString,
+                    response_serializer=clipserve_dot_v1_dot_clipserve__pb2.ReportOutcomeResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'clipserve.v1.FeedbackService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('clipserve.v1.FeedbackService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FeedbackService:
+    """Delayed ground truth for live calibration metrics.
+    """
+
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipserve.v1.FeedbackService/ReportOutcome',
+            clipserve_dot_v1_dot_clipserve__pb2.ReportOutcomeRequest.SerializeToString,
+            clipserve_dot_v1_dot_clipserve__pb2.ReportOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -55,4 +55,5 @@ def test_empty_repository_is_rejected(tmp_path):
 
 def test_service_names_come_from_the_descriptors():
     assert SERVICE_NAMES == ("clipserve.v1.EmbeddingService",
-                             "clipserve.v1.ClassificationService", "clipserve.v1.ModelService")
+                             "clipserve.v1.ClassificationService", "clipserve.v1.ModelService",
+                             "clipserve.v1.FeedbackService")

@@ -15,6 +15,7 @@ def test_generated_code_imports_as_subpackage():
     from clipserve.server.v1 import clipserve_pb2, clipserve_pb2_grpc
 
     services = set(clipserve_pb2.DESCRIPTOR.services_by_name)
-    assert services == {"EmbeddingService", "ClassificationService", "ModelService"}
+    assert services == {"EmbeddingService", "ClassificationService", "ModelService",
+                        "FeedbackService"}
     assert clipserve_pb2.DESCRIPTOR.package == "clipserve.v1"
     assert hasattr(clipserve_pb2_grpc, "EmbeddingServiceStub")

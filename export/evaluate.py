@@ -88,6 +88,17 @@ def embed(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
                            for i in range(0, len(inputs), batch_size)])
 
 
+def batch_invariant(session, inputs: np.ndarray, min_cosine: float = 0.999999) -> bool:
+    """Whether each item's embedding is the same alone as inside a batch of ``inputs``
+    (min cosine >= ``min_cosine``). False for dynamic activation quantization, whose scale
+    is computed over the whole batch."""
+    name = session.get_inputs()[0].name
+    batched = session.run(None, {name: inputs})[0]
+    alone = np.concatenate([session.run(None, {name: inputs[i:i + 1]})[0]
+                            for i in range(len(inputs))])
+    return bool(cosine_to_reference(batched, alone).min() >= min_cosine)
+
+
 def throughput(session, batch: np.ndarray, seconds: float = 1.0) -> float:
     """Items per second running ``batch`` repeatedly for about ``seconds`` (after a warm-up).
     Wall-clock and machine-dependent: compare ratios measured in the same run."""

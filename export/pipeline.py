@@ -98,16 +98,18 @@ def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, pro
                 def measure(name):
                     session = evaluate.make_session(candidates[name][0])
                     cos = evaluate.cosine_to_reference(evaluate.embed(session, probe), reference)
-                    return float(cos.mean()), evaluate.throughput(
-                        session, speed_batch, config.throughput_seconds)
+                    return (float(cos.mean()),
+                            evaluate.throughput(session, speed_batch, config.throughput_seconds),
+                            evaluate.batch_invariant(session, probe[:16]))
 
                 chosen = quantize.choose_int8(infos, measure)
                 say(f"{tower.value} int8: kept {chosen} " + ", ".join(
-                    f"{n}: cos {i['cosine_calibration']:.5f} {i['items_per_s']:.0f}/s"
+                    f"{n}: cos {i['cosine_calibration']:.5f} {i['items_per_s']:.0f}/s "
+                    f"{'batch-invariant' if i['batch_invariant'] else 'varies with batch'}"
                     for n, i in infos.items()))
                 shutil.copyfile(candidates[chosen][0], dst)
                 info = dict(infos[chosen], candidates={
-                    n: {k: i[k] for k in ("cosine_calibration", "items_per_s")}
+                    n: {k: i[k] for k in ("cosine_calibration", "items_per_s", "batch_invariant")}
                     for n, i in infos.items()})
                 variants[precision, tower] = (dst, info)
     return variants

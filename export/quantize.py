@@ -166,17 +166,24 @@ def _require_quantized(path: Path, op_type: str, what: str) -> None:
             f"{path.name}); this model has no constant-weight MatMul/Gemm for it")
 
 
-def choose_int8(candidates: dict[str, dict], measure: Callable[[str], tuple[float, float]],
+def choose_int8(candidates: dict[str, dict], measure: Callable[[str], tuple[float, float, bool]],
                 tolerance: float = 5e-4) -> str:
     """Pick between INT8 methods by measurement: ``measure(name)`` returns (mean cosine to
-    FP32 on calibration data, items/s). The more faithful one wins unless the other is within
-    ``tolerance`` of its cosine, in which case the faster one does. Fills each candidate's
-    ``cosine_calibration`` and ``items_per_s`` in place and returns the chosen name."""
+    FP32 on calibration data, items/s, batch_invariant).
+
+    A served embedding must not depend on which other requests Triton's dynamic batcher put in
+    the same batch, so batch-invariant methods win over others (dynamic quantization takes one
+    activation scale per batch tensor; static QDQ uses fixed scales). Among those, the more
+    faithful one wins unless another is within ``tolerance`` of its cosine, in which case the
+    faster one does. Fills each candidate's ``cosine_calibration``, ``items_per_s`` and
+    ``batch_invariant`` in place and returns the chosen name."""
     scores = {}
     for name, info in candidates.items():
-        cosine, speed = measure(name)
-        info.update(cosine_calibration=round(cosine, 6), items_per_s=round(speed, 1))
-        scores[name] = (cosine, speed)
-    best_cos = max(cos for cos, _ in scores.values())
-    close = [name for name, (cos, _) in scores.items() if cos >= best_cos - tolerance]
+        cosine, speed, invariant = measure(name)
+        info.update(cosine_calibration=round(cosine, 6), items_per_s=round(speed, 1),
+                    batch_invariant=invariant)
+        scores[name] = (cosine, speed, invariant)
+    pool = [name for name, (_, _, invariant) in scores.items() if invariant] or list(scores)
+    best_cos = max(scores[name][0] for name in pool)
+    close = [name for name in pool if scores[name][0] >= best_cos - tolerance]
     return max(close, key=lambda name: scores[name][1])

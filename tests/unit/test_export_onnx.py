@@ -115,8 +115,23 @@ def test_quantizing_a_model_without_matmuls_is_a_clear_error(tmp_path):
         quantize.to_int8_dynamic(src, tmp_path / "int8.onnx")
 
 
-def test_choose_int8_prefers_fidelity_then_speed():
+def test_choose_int8_prefers_batch_invariance_then_fidelity_then_speed():
     infos = {"a": {}, "b": {}}
-    assert quantize.choose_int8(infos, {"a": (0.999, 10.0), "b": (0.990, 100.0)}.get) == "a"
-    assert quantize.choose_int8(infos, {"a": (0.9990, 10.0), "b": (0.9988, 100.0)}.get) == "b"
+    assert quantize.choose_int8(infos, {"a": (0.999, 10.0, True), "b": (0.990, 100.0, True)}.get) == "a"
+    assert quantize.choose_int8(infos, {"a": (0.9990, 10.0, True), "b": (0.9988, 100.0, True)}.get) == "b"
     assert infos["b"]["items_per_s"] == 100.0
+    # A more faithful, faster method still loses if its answers depend on batch neighbours.
+    assert quantize.choose_int8(infos, {"a": (0.9999, 100.0, False), "b": (0.999, 10.0, True)}.get) == "b"
+    assert quantize.choose_int8(infos, {"a": (0.9999, 100.0, False), "b": (0.999, 10.0, False)}.get) == "a"
+
+
+@pytest.mark.parametrize("tower", list(Tower))
+def test_dynamic_int8_depends_on_batch_neighbours_and_static_does_not(exported, tmp_path, tower):
+    src, shapes = exported["digits-s", tower]
+    inputs = ox.random_inputs(tower, shapes, 16, seed=5)
+    quantize.to_int8_dynamic(src, tmp_path / "dyn.onnx")
+    quantize.to_int8_static(src, tmp_path / "qdq.onnx", IMAGE_INPUT if tower is Tower.IMAGE else TEXT_INPUT,
+                            [inputs])
+    assert not evaluate.batch_invariant(evaluate.make_session(tmp_path / "dyn.onnx"), inputs)
+    assert evaluate.batch_invariant(evaluate.make_session(tmp_path / "qdq.onnx"), inputs)
+    assert evaluate.batch_invariant(evaluate.make_session(src), inputs)

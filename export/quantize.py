@@ -7,6 +7,8 @@ describes what was done; that dict goes into the endpoint's sidecar.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,10 +35,23 @@ class QuantizationError(RuntimeError):
     """A precision cannot be produced for this model (e.g. nothing to quantize)."""
 
 
-def _quiet_ort_loggers() -> None:
-    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.transformers",
-                 "fusion_base", "onnx_model", "onnx_model_bert", "fusion_skiplayernorm"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+@contextlib.contextmanager
+def _quiet_ort():
+    """ORT's quantizers log advice (pre-processing, opset upgrades) on the root logger and
+    module loggers at WARNING for every file, and print calibration progress; the export's
+    own progress lines say what happened, so hold those back (errors still show)."""
+    names = ["", "onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.transformers",
+             "fusion_base", "onnx_model", "onnx_model_bert", "fusion_skiplayernorm"]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # calibration progress is print()ed
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _count_ops(model: onnx.ModelProto, op_type: str) -> int:
@@ -68,9 +83,9 @@ def optimize(src: Path, dst: Path) -> Path:
     stays portable across execution providers."""
     from onnxruntime.transformers import optimizer
 
-    _quiet_ort_loggers()
-    model = optimizer.optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0,
-                                     opt_level=1, only_onnxruntime=False)
+    with _quiet_ort():
+        model = optimizer.optimize_model(str(src), model_type="bert", num_heads=0,
+                                         hidden_size=0, opt_level=1, only_onnxruntime=False)
     model.save_model_to_file(str(dst), use_external_data_format=False)
     return dst
 
@@ -107,11 +122,11 @@ def to_int8_dynamic(src: Path, dst: Path) -> dict:
     """Int8 weights per output channel; activations quantized per tensor at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _quiet_ort_loggers()
     # reduce_range (7-bit weights): AVX2 without VNNI multiplies u8 x s8 with VPMADDUBSW, whose
     # int16 accumulator saturates with full-range weights.
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=True, op_types_to_quantize=INT8_OPS)
+    with _quiet_ort():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=True, op_types_to_quantize=INT8_OPS)
     _require_quantized(dst, "MatMulInteger", "int8 (dynamic)")
     return {"method": "int8-dynamic", "weights": "int8 per-channel, reduce_range",
             "activations": "uint8 per-tensor, dynamic", "ops": INT8_OPS}
@@ -130,12 +145,12 @@ def to_int8_static(src: Path, dst: Path, input_name: str,
         def get_next(self):
             return next(self._batches, None)
 
-    _quiet_ort_loggers()
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, reduce_range=True, op_types_to_quantize=INT8_OPS,
-                    calibrate_method=CalibrationMethod.Percentile,
-                    extra_options={"CalibPercentile": 99.99})
+    with _quiet_ort():
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=True, op_types_to_quantize=INT8_OPS,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": 99.99})
     _require_quantized(dst, "QuantizeLinear", "int8 (static)")
     return {"method": "int8-static-qdq", "weights": "int8 per-channel, reduce_range",
             "activations": "uint8 per-tensor, calibrated (percentile 99.99)", "ops": INT8_OPS}
@@ -147,13 +162,13 @@ def to_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
     tables (MatMulNBits, GatherBlockQuantized)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    _quiet_ort_loggers()
     quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level,
                                      op_types_to_quantize=tuple(op for op, _ in INT4_OPS),
                                      quant_axes=INT4_OPS)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    with _quiet_ort():
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     _require_quantized(dst, "MatMulNBits", "int4")
     return {"method": "int4-weight-only-rtn", "block_size": block_size, "ops": [op for op, _ in INT4_OPS],
             "accuracy_level": accuracy_level, "symmetric": True}

@@ -22,7 +22,7 @@ from clipserve.export import digits
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUILTIN_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
-RECIPE_VERSION = 1  # bump when the training code changes what it produces
+RECIPE_VERSION = 2  # bump when the training code changes what it produces
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,15 @@ def train(name: str, cache_dir: Path, log=print):
 
     register_builtin_configs()
     path = checkpoint_path(name, cache_dir)
+    recipe = RECIPES[name]
+    # Seed before the model exists: its initial weights come from the global generator.
+    torch.manual_seed(recipe.seed)
     model = open_clip.create_model(name)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"[train] {name}: loaded cached weights {path}")
         return model.eval()
 
-    recipe = RECIPES[name]
-    torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     data = digits.load(model.visual.image_size[0], seed=recipe.seed)
     tokenizer = open_clip.get_tokenizer(name)

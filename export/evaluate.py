@@ -81,8 +81,9 @@ def make_session(path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def embed(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run a tower over ``inputs`` in batches."""
+def embed(session, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Run a tower over ``inputs`` in batches. Small batches: onnxruntime's arena keeps the
+    peak activation memory of each live session (GBs per session for ViT-B at batch 256)."""
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: inputs[i:i + batch_size]})[0]
                            for i in range(0, len(inputs), batch_size)])

@@ -323,8 +323,17 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
 
     @staticmethod
     async def _announce(context, call: _Call, *specs: EndpointSpec) -> None:
-        await context.send_initial_metadata(
-            (*((HEADER_ENDPOINT, s.name) for s in specs), (HEADER_REQUEST_ID, call.request_id)))
+        send = asyncio.ensure_future(context.send_initial_metadata(
+            (*((HEADER_ENDPOINT, s.name) for s in specs), (HEADER_REQUEST_ID, call.request_id))))
+        try:
+            await asyncio.shield(send)
+        except asyncio.CancelledError:
+            # A deadline can cancel the handler mid-send. gRPC allows one pending batch per
+            # call, so the error status that follows would fail (TOO_MANY_OPERATIONS) unless
+            # this send finishes first; it is a single short write.
+            with contextlib.suppress(Exception):
+                await send
+            raise
 
     # -- handlers --------------------------------------------------------------------------
 

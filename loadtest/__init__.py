@@ -1,0 +1,1 @@
+"""Load generators and reports (``clipserve loadtest``) and the side-by-side benchmark."""

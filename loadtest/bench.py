@@ -1,0 +1,648 @@
+"""The side-by-side benchmark: one command, one machine, the same model and images everywhere.
+
+    python -m clipserve.loadtest.bench --out benchmarks      # writes BENCHMARKS.md too
+
+For each model (random-init ViT-B-32 and the built-in default, digits-s) and precision it
+measures, in order:
+
+1. raw onnxruntime in-process on the exported ``model.onnx`` at several batch sizes (the
+   ceiling; the best batch is kept),
+2. Triton directly through ``tritonclient`` (single-image requests, N concurrent callers,
+   dynamic batching on), at 1 caller for latency and N for throughput,
+3. the clipserve gateway in front of the same Triton, same load,
+4. the peer, infinity-emb, serving the same architecture with random weights from a local
+   Hugging Face directory, installed into its own virtualenv here (ViT architectures only),
+   swept over concurrency like the gateway so the two compare at equal p99,
+
+plus the roofline (image-tower FLOPs against a large matmul's GFLOP/s), Triton's own batch
+statistics, CPU time per image of each process, and a py-spy profile of the gateway. Results go
+to ``<out>/bench.json`` and PNGs, and the report to BENCHMARKS.md (see :mod:`.bench_report`).
+Exported repositories, the peer virtualenv and its model directory are cached under
+``--bench-cache-dir``; the first run builds them (the ViT-B-32 export takes about half an hour
+on 2 cores).
+Everything listens on 127.0.0.1 and every load step is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipserve.config import add_flags, describe, from_args
+from clipserve.endpoints import Precision, Tower, endpoint_name
+
+from . import bench_report, roofline, runner
+from . import workload as wl
+
+HOST = "127.0.0.1"
+PEER_DTYPES = {"float32": Precision.FP32, "int8": Precision.INT8}
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything the benchmark takes (flags, or ``CLIPSERVE_<FIELD>`` env vars)."""
+
+    models: str = field(default="ViT-B-32::none,digits-s", metadata=_help(
+        "comma-separated NAME[::WEIGHTS] to export and measure (as `clipserve export`)"))
+    precisions: tuple[str, ...] = field(default=("fp32", "fp16", "int8", "int4"), metadata=_help(
+        "precisions to export and measure"))
+    out: str = field(default="benchmarks", metadata=_help(
+        "folder for bench.json and the plots"))
+    markdown: str = field(default="BENCHMARKS.md", metadata=_help("the report to write"))
+    bench_cache_dir: str = field(default=".cache/bench", metadata=_help(
+        "exported repositories, the peer virtualenv and its model, logs"))
+    export_cache_dir: str = field(default=".cache", metadata=_help(
+        "the export stage's cache (trained checkpoints); the default shares the tests' cache, "
+        "so the built-in model trains once for both"))
+    concurrency: int = field(default=8, metadata=_help(
+        "callers for the throughput runs (single-image requests)"))
+    sweep: tuple[str, ...] = field(default=("1", "4"), metadata=_help(
+        "extra gateway/peer concurrency steps for the equal-p99 comparison (the throughput "
+        "concurrency is added)"))
+    duration: float = field(default=8.0, metadata=_help("seconds measured per throughput run"))
+    latency_duration: float = field(default=4.0, metadata=_help(
+        "seconds measured per one-caller latency run"))
+    warmup: float = field(default=1.5, metadata=_help(
+        "seconds sent before each measured window"))
+    ort_seconds: float = field(default=2.0, metadata=_help(
+        "seconds per raw onnxruntime batch size"))
+    ort_batches: tuple[str, ...] = field(default=("1", "4", "16", "64"), metadata=_help(
+        "batch sizes tried for raw onnxruntime (up to the model's max batch; a size whose "
+        "single run would take over twice --ort-seconds is skipped)"))
+    peer: bool = field(default=True, metadata=_help("benchmark infinity-emb as the peer"))
+    peer_dtypes: tuple[str, ...] = field(default=("float32", "int8"), metadata=_help(
+        "infinity-emb --dtype values to run (float32 ~ fp32, int8 ~ int8)"))
+    profile: bool = field(default=True, metadata=_help(
+        "profile the gateway with py-spy during one throughput run"))
+    matmul_n: int = field(default=2048, metadata=_help("side of the roofline matmul"))
+    reexport: bool = field(default=False, metadata=_help(
+        "export again when the export sources changed since the cached export (otherwise the "
+        "cached one is used and the report says so)"))
+
+    def __post_init__(self):
+        for p in self.precisions:
+            Precision.parse(p)
+        for d in self.peer_dtypes:
+            if d not in PEER_DTYPES:
+                raise ValueError(f"unknown peer dtype {d!r}; valid: {', '.join(PEER_DTYPES)}")
+        if self.concurrency < 1 or self.duration <= 0 or self.latency_duration <= 0:
+            raise ValueError("concurrency and durations must be positive")
+        [int(b) for b in self.ort_batches]
+        [int(c) for c in self.sweep]
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({int(c) for c in self.sweep} | {1, self.concurrency})
+
+
+class Log:
+    """Progress lines with the time since the start."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[bench {time.monotonic() - self.start:7.1f}s] {message}", flush=True)
+
+
+# -- processes and their CPU time ----------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User+system CPU seconds of the live processes in process group ``pgid`` (Linux /proc)."""
+    total = 0
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLK_TCK
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class GatewayProcess:
+    """``clipserve serve`` as a child process in front of an already running Triton."""
+
+    def __init__(self, repository: Path, triton_url: str, scale: str, log_path: Path):
+        self.repository, self.triton_url, self.scale = repository, triton_url, scale
+        self.log_path = log_path
+        self.port = free_port()
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start and wait for gRPC health SERVING; raises RuntimeError with the log's tail."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        cmd = [sys.executable, "-m", "clipserve.cli", "serve", "--repository",
+               str(self.repository), "--triton-url", self.triton_url, "--host", HOST,
+               "--port", str(self.port), "--metrics-port", str(free_port()),
+               "--default-scale", self.scale, "--log-level", "WARNING"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a")
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    break
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        self.stop()
+        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"the gateway did not become SERVING:\n{tail}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# -- measurements -------------------------------------------------------------------------
+
+def ort_throughput(path: Path, pixels: np.ndarray, batches: list[int], seconds: float) -> dict:
+    """Items/s of raw onnxruntime on ``path`` per batch size, session options as Triton's
+    model.py sets them (all cores, full graph optimisation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 0
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    by_batch = {}
+    seconds_per_item = 0.0
+    for batch in sorted(batches):
+        if by_batch and batch * seconds_per_item > 2 * seconds:
+            break  # one run would take too long; larger batches gain little on a CPU anyway
+        x = pixels[np.arange(batch) % len(pixels)]
+        session.run(["embedding"], {"pixels": x})  # warm-up
+        runs, start = 0, time.perf_counter()
+        while True:
+            session.run(["embedding"], {"pixels": x})
+            runs += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds and runs >= 2:
+                break
+        by_batch[batch] = batch * runs / elapsed
+        seconds_per_item = 1.0 / by_batch[batch]
+    best = max(by_batch, key=by_batch.get)
+    return {"by_batch": {str(b): round(v, 3) for b, v in by_batch.items()},
+            "best_batch": best, "best_items_per_s": round(by_batch[best], 3)}
+
+
+def triton_stats(url: str, model: str) -> dict:
+    """Triton's cumulative statistics for ``model`` (counts and nanoseconds)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        data = client.get_inference_statistics(model_name=model, as_json=True)
+    finally:
+        client.close()
+    stat = data["model_stats"][0]
+    inference = stat.get("inference_stats", {})
+
+    def part(name):
+        entry = inference.get(name, {})
+        return int(entry.get("count", 0)), int(entry.get("ns", 0))
+    return {"inference_count": int(stat.get("inference_count", 0)),
+            "execution_count": int(stat.get("execution_count", 0)),
+            **{name: part(name) for name in ("success", "queue", "compute_input",
+                                             "compute_infer", "compute_output")}}
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """What Triton did between two snapshots: the average batch it formed, time queued per
+    request, model time per execution and per item."""
+    executions = after["execution_count"] - before["execution_count"]
+    items = after["inference_count"] - before["inference_count"]
+    requests = after["success"][0] - before["success"][0]
+    if not executions or not requests:
+        return {"executions": executions, "items": items}
+
+    def per_request_ms(name):
+        return (after[name][1] - before[name][1]) / requests / 1e6
+    # Triton charges each request of a batch the whole batch's compute time.
+    infer_ms = per_request_ms("compute_infer")
+    avg_batch = items / executions
+    return {"executions": executions, "items": items, "avg_batch": round(avg_batch, 3),
+            "queue_ms_per_request": round(per_request_ms("queue"), 3),
+            "compute_ms_per_execution": round(infer_ms, 3),
+            "compute_ms_per_item": round(infer_ms / avg_batch, 3),
+            "input_output_ms_per_request": round(per_request_ms("compute_input")
+                                                 + per_request_ms("compute_output"), 3)}
+
+
+def summarize_run(run: runner.RunResult, concurrency: int, cpu: dict | None = None) -> dict:
+    data = run.overall().to_dict()
+    data["concurrency"] = concurrency
+    if cpu:
+        data["cpu_ms_per_item"] = {k: round(v * 1000 / max(data["items"], 1), 3)
+                                   for k, v in cpu.items()}
+    return data
+
+
+async def _closed(target, workload, concurrency, duration, warmup) -> runner.RunResult:
+    return await runner.closed_loop(target, workload, concurrency, warmup + duration,
+                                    warmup_s=warmup)
+
+
+def warm(target_factory, workload, concurrency: int, timeout_s: float = 120.0) -> None:
+    """Two calls per caller at ``concurrency``, unmeasured."""
+    async def go():
+        target = target_factory()
+        try:
+            await runner.closed_loop(target, workload, concurrency, timeout_s,
+                                     max_requests=2 * concurrency)
+        finally:
+            await target.close()
+    asyncio.run(go())
+
+
+def measure(target_factory, workload, concurrency: int, duration: float, warmup: float,
+            cpu_groups: dict[str, int]) -> tuple[runner.RunResult, dict]:
+    """One closed-loop run; returns it and CPU seconds per process group over the run (and
+    the load generator's own as "client")."""
+    async def go():
+        target = target_factory()
+        try:
+            return await _closed(target, workload, concurrency, duration, warmup)
+        finally:
+            await target.close()
+    before = {name: group_cpu_s(pgid) for name, pgid in cpu_groups.items()}
+    client_before = self_cpu_s()
+    run = asyncio.run(go())
+    cpu = {name: group_cpu_s(pgid) - before[name] for name, pgid in cpu_groups.items()}
+    cpu["client"] = self_cpu_s() - client_before
+    # The window is duration/(warmup+duration) of the run; scale CPU to the window.
+    share = duration / (warmup + duration)
+    return run, {k: v * share for k, v in cpu.items()}
+
+
+# -- profiling ----------------------------------------------------------------------------
+
+def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", "100", "--format", "raw", "--output", str(out),
+                             "--nonblocking"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_py_spy(proc: subprocess.Popen | None, out: Path) -> dict:
+    if proc is None:
+        return {"status": "py-spy not installed"}
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {"status": "py-spy did not finish"}
+    if proc.returncode != 0 or not out.is_file():
+        return {"status": f"py-spy failed: {(err or '').strip()[-300:]}"}
+    return {"status": "ok", **bench_report.summarize_collapsed(out.read_text())}
+
+
+# -- the benchmark ------------------------------------------------------------------------
+
+_EXPORT_MARKER = "bench-export.json"  # in a cached repository: what it was exported from
+
+
+def sources_digest() -> str:
+    """Hash of what decides an exported repository's files: the export stage's sources and
+    ``clipserve/endpoints.py``. A cached repository is reused while they match (delete
+    ``<bench-cache-dir>/repositories`` to force a new export)."""
+    import clipserve.endpoints
+    import clipserve.export
+
+    digest = hashlib.sha256()
+    folder = Path(clipserve.export.__file__).parent
+    paths = [p for p in sorted(folder.rglob("*"))
+             if p.suffix in (".py", ".json") and "__pycache__" not in p.parts]
+    for path in [*paths, Path(clipserve.endpoints.__file__)]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def ensure_repository(spec: str, precisions: tuple[str, ...], cache: Path, export_cache: Path,
+                      log: Log, reexport: bool = False) -> tuple[Path, bool]:
+    """An exported repository for one model, cached under ``<cache>/repositories``.
+
+    Reuses the export made from the current export sources; without one, and unless
+    ``reexport``, the newest export of the same model and precisions from older sources (an
+    export of ViT-B-32 takes many minutes, and most changes to the export stage do not change
+    the ONNX files). Returns (path, whether it was exported from the current sources).
+    """
+    from clipserve.export.config import ExportConfig
+    from clipserve.export.pipeline import export
+
+    name = spec.replace("::", "-").replace("/", "-")
+    digest = sources_digest()
+    key = hashlib.sha256(f"{spec}|{','.join(precisions)}|{digest}".encode()).hexdigest()[:12]
+    root = cache / "repositories"
+    path = root / f"{name}-{key}"
+    if (path / "report.json").is_file():
+        log(f"{spec}: using the exported repository {path}")
+        return path, True
+    if not reexport:
+        older = [p for p in root.glob(f"{name}-*") if (p / "report.json").is_file()
+                 and (p / _EXPORT_MARKER).is_file()
+                 and json.loads((p / _EXPORT_MARKER).read_text()).get("precisions")
+                 == list(precisions)]
+        if older:
+            newest = max(older, key=lambda p: p.stat().st_mtime)
+            log(f"{spec}: WARNING: the export sources changed since {newest.name} was exported; "
+                "using it anyway (pass --reexport for a fresh export)")
+            return newest, False
+    building = path.with_name(path.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    log(f"{spec}: exporting at {', '.join(precisions)} (first run only; cached in {path})")
+    export(ExportConfig(models=spec, precisions=precisions, repository=str(building),
+                        cache_dir=str(export_cache), throughput_seconds=0.3),
+           log=lambda line: log(f"  {line}"))
+    (building / _EXPORT_MARKER).write_text(json.dumps(
+        {"spec": spec, "precisions": list(precisions), "sources": digest}) + "\n")
+    building.rename(path)
+    return path, True
+
+
+def machine_info() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for module in ("onnxruntime", "numpy", "grpc", "tritonclient"):
+        try:
+            versions[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from importlib.metadata import version
+        versions["nvidia-pytriton"] = version("nvidia-pytriton")
+    except Exception:  # not installed: reported as absent
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_start": os.getloadavg(),
+            "versions": versions}
+
+
+def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log) -> dict:
+    """Everything measured for one model: see the module docstring."""
+    from clipserve.export.models import parse_model
+    from clipserve.server.repository import Catalog
+    from clipserve.server.triton_process import TritonProcess
+
+    from .targets import GatewayTarget, TritonTarget
+
+    model_spec = parse_model(spec)
+    scale = model_spec.scale
+    repository, current = ensure_repository(spec, config.precisions, cache,
+                                            Path(config.export_cache_dir).resolve(), log,
+                                            config.reexport)
+    catalog = Catalog.from_repository(repository)
+    precisions = [p for p in (Precision.parse(x) for x in config.precisions)
+                  if catalog.has(scale, p, Tower.IMAGE)]
+    image_spec = catalog.get(scale, precisions[0], Tower.IMAGE)
+    size = image_spec.sidecar.image_size
+    fp32_onnx = catalog.get(scale, Precision.FP32, Tower.IMAGE).directory / "1" / "model.onnx"
+    flops = roofline.onnx_flops(fp32_onnx)
+    log(f"{scale}: image tower {flops['total'] / 1e9:.3f} GFLOP per image at {size}x{size}")
+    pixels = wl.builtin_pixels(64, size)
+    images = [wl.encode_png(p) for p in pixels]
+    result: dict = {"spec": spec, "scale": scale, "image_size": size,
+                    "repository": repository.name, "export_current": current,
+                    "image_flops": flops["total"], "flops_by_op": flops["by_op"],
+                    "flops_uncounted": len(flops["uncounted"]), "precisions": {}}
+
+    max_batch = image_spec.max_batch_size or 64
+    batches = [b for b in (int(x) for x in config.ort_batches) if b <= max_batch]
+    for p in precisions:
+        spec_p = catalog.get(scale, p, Tower.IMAGE)
+        onnx_path = spec_p.directory / "1" / "model.onnx"
+        size_bytes = sum(f.stat().st_size for f in (spec_p.directory / "1").glob("model.onnx*"))
+        log(f"{scale} {p.value}: raw onnxruntime at batch {', '.join(map(str, batches))}")
+        ort_result = ort_throughput(onnx_path, pixels, batches, config.ort_seconds)
+        log(f"  best {ort_result['best_items_per_s']:.1f} items/s at batch "
+            f"{ort_result['best_batch']}")
+        result["precisions"][p.value] = {"model_bytes": size_bytes, "ort": ort_result}
+
+    logs = cache / "logs"
+    triton = TritonProcess(repository, log_path=logs / f"triton-{scale}.log")
+    log(f"{scale}: starting tritonserver")
+    triton.start(timeout_s=600)
+    gateway = GatewayProcess(repository, triton.grpc_url, scale, logs / f"gateway-{scale}.log")
+    try:
+        log(f"{scale}: starting the gateway")
+        gateway.start()
+        groups = {"triton": triton.pid, "gateway": gateway.pid}
+        workload = wl.Workload({"image": 1.0}, images)
+        # A fresh onnxruntime session is slow for its first runs (allocations, kernel set-up),
+        # and only the first precision measured would pay for it: warm every endpoint first,
+        # at every concurrency measured, so each batch size Triton forms has run once.
+        log(f"{scale}: warming every image endpoint")
+        for p in precisions:
+            model = endpoint_name(scale, p, Tower.IMAGE)
+            for c in config.steps:
+                warm(lambda m=model: TritonTarget(triton.grpc_url, m, size), workload, c)
+        for i, p in enumerate(precisions):
+            model = endpoint_name(scale, p, Tower.IMAGE)
+            entry = result["precisions"][p.value]
+            gw_workload = wl.Workload({"image": 1.0}, images,
+                                      metadata=wl.routing_metadata(scale, p.value))
+            stacks = {
+                "triton": (lambda m=model: TritonTarget(triton.grpc_url, m, size), workload),
+                "gateway": (lambda: GatewayTarget(gateway.address), gw_workload),
+            }
+            for stack, (factory, load) in stacks.items():
+                entry[stack] = {"runs": {}}
+                for c in ([1, config.concurrency] if stack == "triton" else config.steps):
+                    duration = config.latency_duration if c == 1 else config.duration
+                    profile = (stack == "gateway" and c == config.concurrency and i == 0
+                               and config.profile)
+                    spy = (start_py_spy(gateway.pid, duration, logs / f"py-spy-{scale}.txt")
+                           if profile else None)
+                    before = triton_stats(triton.grpc_url, model)
+                    run, cpu = measure(factory, load, c, duration, config.warmup, groups)
+                    summary = summarize_run(run, c, cpu)
+                    summary["triton_stats"] = stats_delta(before,
+                                                          triton_stats(triton.grpc_url, model))
+                    entry[stack]["runs"][str(c)] = summary
+                    if profile:
+                        profile_data = finish_py_spy(spy, logs / f"py-spy-{scale}.txt")
+                        result["gateway_profile"] = {"precision": p.value, "concurrency": c,
+                                                     **profile_data}
+                    lat = summary["latency_ms"]
+                    log(f"{scale} {p.value} {stack:7s} c={c:<3d} {summary['items_per_s']:8.1f} "
+                        f"items/s  p50 {lat['p50'] or 0:8.1f} ms  p99 {lat['p99'] or 0:8.1f} ms"
+                        f"  errors {sum(summary['errors'].values())}")
+    finally:
+        gateway.stop()
+        triton.stop()
+
+    if config.peer and config.peer_dtypes:
+        result["peer"] = bench_peer(model_spec.name, images, config, cache, log)
+    return result
+
+
+def bench_peer(arch: str, images: list[bytes], config: BenchConfig, cache: Path,
+               log: Log) -> dict:
+    """infinity-emb at each dtype, swept like the gateway; failures are recorded, not raised."""
+    from . import peer as peer_mod
+    from .peer_model import ARCHITECTURES
+    from .targets import InfinityTarget
+
+    if arch not in ARCHITECTURES:
+        return {"status": "skipped", "reason": f"no Hugging Face mapping for {arch} (the peer "
+                                               f"runs {', '.join(ARCHITECTURES)})"}
+    logs = cache / "logs"
+    try:
+        log("peer: preparing the infinity-emb virtualenv (cached after the first run)")
+        python = peer_mod.ensure_venv(cache / "infinity-venv", logs / "peer-install.log")
+        model_dir = peer_mod.ensure_model_dir(python, cache / f"peer-model-{arch}", arch,
+                                              logs / "peer-model.log")
+    except peer_mod.PeerError as exc:
+        log(f"peer: FAILED: {exc}")
+        return {"status": "failed", "error": str(exc)}
+    version = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
+                              "print(m.version('infinity-emb'), m.version('torch'))"],
+                             capture_output=True, text=True).stdout.split()
+    result: dict = {"status": "ok", "server": "infinity-emb", "versions": version, "dtypes": {}}
+    workload = wl.Workload({"image": 1.0}, images)
+    for dtype in config.peer_dtypes:
+        server = peer_mod.PeerServer(python, model_dir, logs / f"peer-{dtype}.log", dtype)
+        entry: dict = {"precision": PEER_DTYPES[dtype].value, "runs": {}}
+        result["dtypes"][dtype] = entry
+        try:
+            log(f"peer {dtype}: starting infinity_emb on {server.address}")
+            server.start(timeout_s=300)
+            for c in config.steps:
+                duration = config.latency_duration if c == 1 else config.duration
+                run, cpu = measure(lambda: InfinityTarget(server.address, server.MODEL_NAME),
+                                   workload, c, duration, config.warmup, {"peer": server.pid})
+                summary = summarize_run(run, c, cpu)
+                entry["runs"][str(c)] = summary
+                lat = summary["latency_ms"]
+                log(f"peer {dtype:7s} c={c:<3d} {summary['items_per_s']:8.1f} items/s  "
+                    f"p50 {lat['p50'] or 0:8.1f} ms  p99 {lat['p99'] or 0:8.1f} ms  errors "
+                    f"{sum(summary['errors'].values())}")
+                if summary["ok"] == 0:
+                    raise peer_mod.PeerError(f"every call failed ({summary['errors']}):\n"
+                                             f"{server.log_tail()}")
+            entry["status"] = "ok"
+        except peer_mod.PeerError as exc:
+            log(f"peer {dtype}: FAILED: {str(exc).splitlines()[0]}")
+            entry.update(status="failed", error=str(exc)[-2000:])
+        finally:
+            server.stop()
+    return result
+
+
+def run(config: BenchConfig) -> dict:
+    """The whole benchmark; returns the results written to ``<out>/bench.json``."""
+    log = Log()
+    cache, out = Path(config.bench_cache_dir).resolve(), Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"config: {describe(config)}")
+    results: dict = {"version": 1, "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                     "command": "python -m clipserve.loadtest.bench " + " ".join(sys.argv[1:]),
+                     "config": dataclasses.asdict(config), "machine": machine_info(),
+                     "models": {}}
+    log(f"roofline: {config.matmul_n}x{config.matmul_n} float32 matmul")
+    gflops = roofline.attainable_gflops(config.matmul_n, 3.0)
+    results["roofline"] = {"attainable_gflops": round(gflops, 2), "matmul_n": config.matmul_n}
+    log(f"  attainable {gflops:.1f} GFLOP/s")
+    for spec in [s.strip() for s in config.models.split(",") if s.strip()]:
+        results["models"][spec] = bench_model(spec, config, cache, out, log)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["wall_s"] = round(time.monotonic() - log.start, 1)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots = bench_report.plot_all(results, out)
+    markdown = bench_report.markdown(results, plots, Path(config.markdown).resolve().parent)
+    Path(config.markdown).write_text(markdown)
+    log(f"wrote {out / 'bench.json'}, {', '.join(str(p) for p in plots)} and {config.markdown}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clipserve.loadtest.bench",
+                                     description=__doc__.splitlines()[0])
+    add_flags(parser, BenchConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = from_args(BenchConfig, args)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The roofline: how much arithmetic an image costs, and how much this machine can do.
+
+:func:`onnx_flops` counts the multiply-adds of a tower's ONNX graph (MatMul, Gemm, Conv,
+Einsum-free graphs as clipserve exports them) from shapes inferred at batch 1; each
+multiply-add is two FLOPs. Element-wise work (LayerNorm, GELU, softmax, adds) is left out: it
+is a few percent of a ViT's FLOPs and memory-bound anyway. :func:`attainable_gflops` times a
+large float32 matmul through numpy's BLAS, the best case for dense math on these cores.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _dims(value_info) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def onnx_flops(path: Path, batch: int = 1) -> dict:
+    """FLOPs of one forward pass at ``batch`` (default 1 item), by op type.
+
+    Args:
+        path: an ONNX model; external weight data need not be present (only shapes are read).
+        batch: value given to every symbolic input dimension.
+
+    Returns:
+        {"total": int, "by_op": {"MatMul": int, ...}, "uncounted": [node names whose shapes
+        stayed unknown]}.
+
+    Raises:
+        ValueError: the file cannot be read as ONNX.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ValueError(f"cannot read ONNX model {path}: {exc}") from exc
+    for graph_input in model.graph.input:
+        for dim in graph_input.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = batch
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, list[int | None]] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        shapes[vi.name] = _dims(vi)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+
+    by_op: dict[str, int] = {}
+    uncounted: list[str] = []
+    for node in inferred.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv", "MatMulInteger", "QLinearMatMul",
+                                "MatMulNBits", "ConvInteger", "QLinearConv"):
+            continue
+        flops = _node_flops(node, shapes)
+        if flops is None:
+            uncounted.append(node.name or node.op_type)
+            continue
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
+    return {"total": sum(by_op.values()), "by_op": by_op, "uncounted": uncounted}
+
+
+def _known(shape) -> bool:
+    return shape is not None and all(d is not None and d > 0 for d in shape)
+
+
+def _node_flops(node, shapes) -> int | None:
+    out = shapes.get(node.output[0])
+    if not _known(out):
+        return None
+    if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+        weight = shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1])
+        if not _known(weight):
+            return None
+        # weight [C_out, C_in/groups, kH, kW]: each output element is C_in/groups*kH*kW MACs.
+        return 2 * int(np.prod(out)) * int(np.prod(weight[1:]))
+    a = shapes.get(node.input[0])
+    if not _known(a):
+        return None
+    k = a[-1]
+    if node.op_type == "Gemm":
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        k = a[0] if trans_a else a[-1]
+    return 2 * int(np.prod(out)) * int(k)
+
+
+def attainable_gflops(n: int = 2048, seconds: float = 2.0, repeats: int = 3) -> float:
+    """Best float32 GFLOP/s of an n x n matmul (numpy's BLAS, all its threads), over
+    ``repeats`` timed rounds of about ``seconds / repeats`` each."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm up threads and caches
+    best = 0.0
+    for _ in range(repeats):
+        count, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds / repeats:
+                break
+        best = max(best, 2.0 * n ** 3 * count / elapsed / 1e9)
+    return best
+
+
+def vit_image_flops(image_size: int, patch: int, width: int, layers: int, embed_dim: int) -> int:
+    """Analytic matmul FLOPs of a CLIP ViT image tower at batch 1, to check :func:`onnx_flops`:
+    patch embedding, per layer QKV/out projections, attention scores and weighted sums, the MLP
+    (4x width), and the output projection of the class token."""
+    tokens = (image_size // patch) ** 2 + 1
+    patch_embed = 2 * (tokens - 1) * width * 3 * patch * patch
+    per_layer = (2 * tokens * width * 3 * width      # QKV
+                 + 2 * tokens * tokens * width * 2    # scores and weighted sum
+                 + 2 * tokens * width * width         # out projection
+                 + 2 * tokens * width * 4 * width * 2)  # MLP up and down
+    return patch_embed + layers * per_layer + 2 * width * embed_dim

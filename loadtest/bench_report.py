@@ -416,7 +416,11 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
         value = f"{t['value']:.2f} ms" if in_ms else f"{t['value']:.1%}"
         threshold = (f"{t['op']} {t['threshold']:g} ms" if in_ms
                      else f"{t['op']} {t['threshold']:.0%}")
-        if t["met"]:
+        if t["met"] and in_ms and t["value"] < -ADDED_P50_MAX_MS:
+            # The gateway's path includes Triton, so it cannot really be faster: the direct
+            # run was disturbed (other load, or the first run after start-up).
+            verdict = "met; negative: the direct run was disturbed, rerun to confirm"
+        elif t["met"]:
             verdict = "met"
         elif in_ms:
             verdict = f"missed by {t['value'] - t['threshold']:.2f} ms"

@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from clipserve.endpoints import Precision, Tower, endpoint_name
 
 from . import bench_report, roofline, runner
 from . import workload as wl
+from .peer import stop_process_group
 
 HOST = "127.0.0.1"
 PEER_DTYPES = {"float32": Precision.FP32, "int8": Precision.INT8}
@@ -202,14 +202,7 @@ class GatewayProcess:
         raise RuntimeError(f"the gateway did not become SERVING:\n{tail}")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_process_group(self._proc, grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -28,6 +28,18 @@ PEER_REQUIREMENTS = ("infinity-emb[server,torch]==0.0.78", "aiohttp")
 READY_MARKER = ".clipserve-peer-ready"
 
 
+
+def stop_process_group(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM the process group of a server started with ``start_new_session=True``, then
+    SIGKILL after ``grace_s``. Does nothing if it is not running."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
 class PeerError(RuntimeError):
     """The peer could not be installed, built or started; the message says which step."""
 
@@ -180,14 +192,7 @@ class PeerServer:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM its process group, then SIGKILL after ``grace_s``. Idempotent."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_process_group(self._proc, grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None

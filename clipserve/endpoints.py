@@ -61,7 +61,7 @@ TEXT_INPUT = "input_ids"  # int32 [batch, context_length], open_clip token ids, 
 EMBEDDING_OUTPUT = "embedding"  # float32 [batch, embed_dim], L2-normalised
 
 SIDECAR_FILENAME = "clipserve.json"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2 added evaluation, ood_score, ood_state, output_formats, revision
 TOKENIZER_FILENAME = "tokenizer.json"
 
 _SCALE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")
@@ -121,6 +121,14 @@ class Sidecar:
     # templates ("a photo of the digit {}") whose averaged text embeddings make each label.
     labels: list[str] | None = None
     prompts: list[str] | None = None
+    # What the labels, temperature and threshold were fitted on: {"data": description,
+    # "domain_measured": whether that data is the model's own domain, "n_calibration": ...}.
+    # Empty: nothing was measured (the gateway then leaves live OOD scoring off).
+    evaluation: dict = field(default_factory=dict)
+    ood_score: str | None = None  # the live OOD score ood_threshold belongs to ("mcm", ...)
+    ood_state: str | None = None  # file beside the sidecar with a feature-space score's state
+    output_formats: dict = field(default_factory=dict)  # embedding output encodings' parameters
+    revision: int = 1  # bumped each time `clipserve evaluate --write-sidecars` refits it
 
     def write(self, endpoint_dir: Path) -> Path:
         path = Path(endpoint_dir) / SIDECAR_FILENAME
@@ -136,7 +144,7 @@ class Sidecar:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read endpoint sidecar {path}: {exc}") from exc
-        if data.get("version") != SIDECAR_VERSION:
+        if data.get("version") not in range(1, SIDECAR_VERSION + 1):
             raise ValueError(
                 f"{path} has sidecar version {data.get('version')!r}; this clipserve reads "
                 f"version {SIDECAR_VERSION}. Re-export the repository."

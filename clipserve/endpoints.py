@@ -27,10 +27,14 @@ class Precision(str, enum.Enum):
       (ORT ``quantize_dynamic``) or statically from a calibration set (QDQ); the export
       measures both and keeps the better (see the report). LayerNorm, Softmax, GELU, residual
       adds, the patch Conv and the positional embeddings stay float32.
-    - ``int4``: weight-only. Constant MatMul weights and the token-embedding table stored as
-      4-bit blocks with one float scale per block (ORT ``MatMulNBits`` and
-      ``GatherBlockQuantized``; block size recorded in the sidecar), dequantized on the fly.
-      Activations, the patch Conv and the attention score matmuls stay float32.
+    - ``int4``: 4-bit weights, int8 compute (W4A8). Constant MatMul weights and the
+      token-embedding table stored as 4-bit blocks with one float scale per block (ORT
+      ``MatMulNBits`` and ``GatherBlockQuantized``; block size recorded in the sidecar). At
+      ``accuracy_level=4`` (the default, recorded in the sidecar) onnxruntime quantizes each
+      MatMul's activations to int8 at run time and multiplies in int8, so activations lose
+      precision too; level 0 would dequantize weights and compute in float32 (true
+      weight-only). The patch Conv, LayerNorm, softmax and the attention score matmuls stay
+      float32.
     """
 
     FP32 = "fp32"

@@ -16,6 +16,13 @@ def add_parser(sub) -> None:
     config_flags.add_flags(parser, ExportConfig)
     parser.set_defaults(run=run)
 
+    from clipserve.export.config import EvaluateConfig
+    evaluate = sub.add_parser(
+        "evaluate", help="measure every endpoint of an existing repository on your labelled "
+        "data (verdict per precision with intervals); optionally refit its sidecars")
+    config_flags.add_flags(evaluate, EvaluateConfig)
+    evaluate.set_defaults(run=run_evaluate)
+
 
 def run(args) -> int:
     from clipserve.export import pipeline
@@ -31,5 +38,21 @@ def run(args) -> int:
         print(f"clipserve export: error: {exc}", file=sys.stderr)
         return 2
     from clipserve.export import report
-    print(report.markdown(rows, []))
+    print("\n".join(report.verdict_table(rows)))
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from clipserve.export import report
+    from clipserve.export.config import EvaluateConfig
+    from clipserve.export.reevaluate import evaluate_repository
+
+    try:
+        config = config_flags.from_args(EvaluateConfig, args)
+        print(f"[evaluate] config: {config_flags.describe(config)}", flush=True)
+        rows = evaluate_repository(config, log=lambda line: print(line, flush=True))
+    except (ValueError, OSError) as exc:
+        print(f"clipserve evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.verdict_table(rows)))
     return 0

@@ -1,16 +1,13 @@
-"""Measure what a precision costs: embedding fidelity against FP32, zero-shot accuracy,
-calibration (ECE before and after a fitted temperature) and OOD detection (MCM score), plus
-offline throughput. Inputs are embeddings (numpy); sessions are only used for throughput."""
+"""onnxruntime plumbing for measurements: sessions, batched embedding, fidelity against a
+reference, batch invariance and offline throughput. The quality math is in
+:mod:`clipserve.export.quality`."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
-
-from clipserve import calibration as cal
 
 
 def cosine_to_reference(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -20,55 +17,15 @@ def cosine_to_reference(embeddings: np.ndarray, reference: np.ndarray) -> np.nda
     return num / np.maximum(den, 1e-12)
 
 
-def class_embeddings(prompt_embeddings: np.ndarray, n_classes: int) -> np.ndarray:
-    """Average each class's prompt embeddings ([n_classes * n_prompts, D], class-major) and
-    re-normalise: CLIP's prompt ensembling."""
-    per_class = prompt_embeddings.reshape(n_classes, -1, prompt_embeddings.shape[-1]).mean(1)
-    return per_class / np.linalg.norm(per_class, axis=1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class EvalImages:
-    """Image embeddings of the evaluation splits, all from one image tower."""
-
-    calibration: np.ndarray
-    test: np.ndarray
-    ood_near: np.ndarray
-    ood_far: np.ndarray
-
-
-def classification_metrics(images: EvalImages, classes: np.ndarray, calibration_labels,
-                           test_labels, native_temperature: float) -> dict:
-    """Zero-shot, ECE, temperature and OOD figures for one (image tower, text tower) pair.
-
-    The temperature and OOD threshold are fitted on the calibration split; everything
-    reported is measured on the test split and the OOD sets."""
-    cos_cal, cos_test = images.calibration @ classes.T, images.test @ classes.T
-    correct = cos_test.argmax(1) == test_labels
-    native = cal.softmax(cos_test, native_temperature).max(1)
-    temperature = cal.fit_temperature(cos_cal, calibration_labels)
-    fitted = cal.softmax(cos_test, temperature).max(1)
-    threshold = cal.fit_ood_threshold(cal.score_mcm(cos_cal, temperature))
-    mcm_test = cal.score_mcm(cos_test, temperature)
-    mcm_near = cal.score_mcm(images.ood_near @ classes.T, temperature)
-    mcm_far = cal.score_mcm(images.ood_far @ classes.T, temperature)
-    mcm_ood = np.concatenate([mcm_near, mcm_far])
-    return {
-        "zero_shot_top1": float(correct.mean()),
-        "ece": cal.score_ece(native, correct),
-        "ece_calibrated": cal.score_ece(fitted, correct),
-        "temperature": temperature,
-        "native_temperature": native_temperature,
-        "ood_threshold": threshold,
-        "ood_auroc": cal.auroc(mcm_test, mcm_ood),
-        "fpr95": cal.fpr_at_tpr(mcm_test, mcm_ood),
-        "ood_auroc_near": cal.auroc(mcm_test, mcm_near),
-        "ood_auroc_far": cal.auroc(mcm_test, mcm_far),
-        # What the live OOD counter would show with the fitted threshold: ~5% on ID data.
-        "flagged_rate_id": float((mcm_test < threshold).mean()),
-        "flagged_rate_near": float((mcm_near < threshold).mean()),
-        "flagged_rate_far": float((mcm_far < threshold).mean()),
-    }
+def random_token_ids(context_length: int, batch: int, seed: int = 0) -> np.ndarray:
+    """Random valid CLIP token ids: sot, random BPE ids, eot, then zero padding."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((batch, context_length), dtype=np.int32)
+    for row in ids:
+        n = int(rng.integers(1, context_length - 1))
+        row[0], row[n + 1] = 49406, 49407
+        row[1:n + 1] = rng.integers(256, 49406, n)
+    return ids
 
 
 def make_session(path, threads: int | None = None):

@@ -86,15 +86,18 @@ def read_models_file(path: Path) -> list[ModelSpec]:
     return parse_models(",".join(line.split("#", 1)[0] for line in lines))
 
 
-def load(spec: ModelSpec, cache_dir: Path, log=print):
-    """The PyTorch model for ``spec``, in eval mode on the CPU.
+def load(spec: ModelSpec, cache_dir: Path, log=print, seed: int = 0):
+    """The PyTorch model for ``spec``, in eval mode on the CPU. ``seed`` picks a built-in's
+    training seed (other models have one set of weights).
 
     Raises ModelSpecError when weights cannot be read or fetched.
     """
     import open_clip
 
     if spec.weights == BUILTIN_WEIGHTS:
-        return train.train(spec.name, cache_dir, log=log)
+        return train.train(spec.name, cache_dir, log=log, seed=seed)
+    if seed:
+        raise ModelSpecError(f"{spec.source}: only built-in models train other seeds")
     if spec.weights == "none":
         log(f"[model] {spec.name}: random initialisation")
         return open_clip.create_model(spec.name).eval()

@@ -51,12 +51,9 @@ def random_inputs(tower: Tower, shapes: TowerShapes, batch: int, seed: int = 0) 
     rng = np.random.default_rng(seed)
     if tower is Tower.IMAGE:
         return rng.integers(0, 256, (batch, shapes.image_size, shapes.image_size, 3), dtype=np.uint8)
-    ids = np.zeros((batch, shapes.context_length), dtype=np.int32)
-    for row in ids:
-        n = int(rng.integers(1, shapes.context_length - 1))
-        row[0], row[n + 1] = 49406, 49407
-        row[1:n + 1] = rng.integers(256, 49406, n)
-    return ids
+    from clipserve.export.evaluate import random_token_ids
+
+    return random_token_ids(shapes.context_length, batch, seed)
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -10,28 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from clipserve import calibration as cal
+from clipserve import stats
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.export import digits, evaluate, models, quantize, report, repository
+from clipserve.export import evaluate, models, quality, quantize, report, repository
 from clipserve.export.config import ExportConfig
 from clipserve.export import onnx_export as ox
-
-
-REPORT_NOTES = [
-    "Evaluation data: scikit-learn's digits (held-out test split, 15%), resized to each model's "
-    "input; the temperature and OOD threshold are fitted on a separate 15% calibration split.",
-    "Image rows: the image tower at this precision scored against class embeddings from the text "
-    "tower at the same precision (the pair a request routed to this precision uses). Their "
-    "temperature and OOD threshold are stored in the image endpoint's clipserve.json.",
-    "Text rows: the text tower at this precision against FP32 image embeddings, isolating what "
-    "quantizing the text tower does (it shifts the logit scale); their T is fitted the same way "
-    "but not served, so it is left out.",
-    "ECE: 15 equal-width bins, with the model's own logit scale, then with the fitted T. OOD: MCM "
-    "score (max softmax of cos/T); ID = test digits, OOD = rendered letters (near) + noise and "
-    "textures (far); threshold keeps 95% of calibration digits.",
-    "cosine: each tower's embeddings against the FP32 ONNX tower on the same inputs (images: test "
-    "+ OOD sets; texts: prompts + random token sequences). items/s: onnxruntime in-process on this "
-    "machine's CPU at a fixed batch, all cores; compare ratios within one run.",
-]
 
 
 class _Clock:
@@ -40,15 +24,6 @@ class _Clock:
 
     def __call__(self, message: str) -> None:
         self.log(f"[export {time.monotonic() - self.start:6.1f}s] {message}")
-
-
-def _tower_inputs(tower: Tower, shapes, data: digits.DigitsData, prompt_ids: np.ndarray):
-    """Inputs for fidelity (probe), static calibration and throughput of one tower."""
-    if tower is Tower.IMAGE:
-        probe = np.concatenate([data.test.images, data.ood_near, data.ood_far])
-        return probe, data.calibration.images
-    probe = np.concatenate([prompt_ids, ox.random_inputs(Tower.TEXT, shapes, 64, seed=7)])
-    return probe, probe
 
 
 def _calibration_batches(inputs: np.ndarray, batch: int = 16) -> list[np.ndarray]:
@@ -61,11 +36,21 @@ def _calibration_batches(inputs: np.ndarray, batch: int = 16) -> list[np.ndarray
     return [inputs[i:i + batch] for i in range(0, n, batch)]
 
 
-def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, prompt_ids, say):
-    """ONNX files for every requested precision: {(precision, tower): (path, quantization)}."""
+def _calibration_pixels(suite, image_size: int, limit: int = 256) -> np.ndarray:
+    """Images of the calibration split (never the test split) for static INT8 calibration
+    and for choosing between INT8 methods; an even spread over the split."""
+    source = suite.labelled.calibration.images
+    indices = np.linspace(0, len(source) - 1, min(limit, len(source))).astype(int)
+    return source.load(image_size, np.unique(indices))
+
+
+def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say):
+    """ONNX files for every requested precision: {(precision, tower): (path, quantization)}.
+    ``probes`` holds, per tower, the calibration inputs: static INT8 calibrates on them and
+    the INT8 method is chosen by fidelity on them (the test split stays unseen)."""
     variants = {(Precision.FP32, t): (fp32[t], {"method": "fp32"}) for t in Tower}
     for tower in Tower:
-        probe, calibration = _tower_inputs(tower, shapes, data, prompt_ids)
+        probe = probes[tower]
         reference = evaluate.embed(evaluate.make_session(fp32[tower]), probe)
         optimized = quantize.optimize(fp32[tower], work / f"fp32opt_{tower.value}.onnx")
         fidelity = evaluate.cosine_to_reference(
@@ -91,7 +76,7 @@ def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, pro
                     "int8-static-qdq": quantize.to_int8_static(
                         optimized, candidates["int8-static-qdq"][0],
                         evaluate.make_session(optimized).get_inputs()[0].name,
-                        _calibration_batches(calibration)),
+                        _calibration_batches(probe)),
                 }
                 speed_batch = probe[:config.throughput_batch]
 
@@ -115,15 +100,21 @@ def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, pro
     return variants
 
 
-def export_model(spec: models.ModelSpec, precisions: list[Precision], config: ExportConfig,
-                 tokenizer_json: Path, say) -> list[dict]:
-    """Export, quantize, evaluate and write one model's endpoints; returns its report rows."""
+def _token_ids(tokenizer, texts: list[str]) -> np.ndarray:
+    return tokenizer(texts).numpy().astype(np.int32)
+
+
+def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: ExportConfig,
+                  say, seed: int = 0) -> tuple[dict, dict]:
+    """Export one model (one training seed of a built-in) to ONNX at every precision and
+    measure it. Returns (context for writing endpoints, the ModelEvaluation)."""
     import open_clip
 
-    model = models.load(spec, Path(config.cache_dir), log=say)
+    model = models.load(spec, Path(config.cache_dir), log=say, seed=seed)
     shapes = ox.tower_shapes(model)
     native_temperature = float(1.0 / model.logit_scale.detach().exp())
-    work = Path(config.cache_dir) / "work" / spec.scale
+    tag = spec.scale if seed == 0 else f"{spec.scale}-seed{seed}"
+    work = Path(config.cache_dir) / "work" / tag
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
@@ -131,82 +122,96 @@ def export_model(spec: models.ModelSpec, precisions: list[Precision], config: Ex
     for tower in Tower:
         fp32[tower] = ox.export_tower(model, tower, shapes, work / f"fp32_{tower.value}.onnx")
         parity = ox.check_parity(model, tower, shapes, fp32[tower])
-        say(f"{spec.scale} {tower.value}: exported FP32 ONNX, min cosine to PyTorch {parity:.6f}")
+        say(f"{tag} {tower.value}: exported FP32 ONNX, min cosine to PyTorch {parity:.6f}")
 
-    data = digits.load(shapes.image_size)
+    suite = quality.build_suite(
+        config, builtin=spec.weights == models.BUILTIN_WEIGHTS, image_size=shapes.image_size)
+    labelled = suite.labelled
     tokenizer = open_clip.get_tokenizer(spec.name)
-    prompts = [t.format(c) for c in digits.CLASS_NAMES for t in digits.PROMPTS]
-    prompt_ids = tokenizer(prompts).numpy().astype(np.int32)
-    variants = _make_variants(fp32, work, precisions, config, shapes, data, prompt_ids,
-                              lambda m: say(f"{spec.scale} {m}"))
-
-    # Every tower runs once over its probe set (images: test + OOD; texts: prompts + random
-    # ids); the image tower also over the calibration split. Everything below reuses these.
-    sessions = {key: evaluate.make_session(path) for key, (path, _) in variants.items()}
-    probes = {t: _tower_inputs(t, shapes, data, prompt_ids)[0] for t in Tower}
+    prompt_ids = _token_ids(tokenizer, [t.format(c) for c in labelled.class_names
+                                        for t in labelled.templates])
+    caption_ids = (_token_ids(tokenizer, list(suite.retrieval.captions))
+                   if suite.retrieval else None)
+    probe_ids = ox.random_inputs(Tower.TEXT, shapes, 64, seed=7)
+    probes = {Tower.IMAGE: _calibration_pixels(suite, shapes.image_size),
+              Tower.TEXT: np.concatenate([prompt_ids, probe_ids])}
+    variants = _make_variants(fp32, work, precisions, config, probes,
+                              lambda m: say(f"{tag} {m}"))
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
-    probe_emb = {(p, t): evaluate.embed(sessions[p, t], probes[t]) for p in evaluated for t in Tower}
-    n_test, n_near = len(data.test.images), len(data.ood_near)
-    images, classes = {}, {}
+    sessions = {(p, t): evaluate.make_session(variants[p, t][0]) for p in evaluated for t in Tower}
+    result = quality.evaluate_model(
+        scale=tag, sessions=sessions, suite=suite, prompt_ids=prompt_ids,
+        caption_ids=caption_ids, probe_ids=probe_ids, image_size=shapes.image_size,
+        native_temperature=native_temperature, budget=stats.parse_budget(config.budget),
+        n_resamples=config.bootstrap, seed=0, say=say)
+    params = {t: quality.count_parameters(fp32[t]) for t in Tower}
+    by_key = {(r["precision"], r["tower"]): r for r in result.rows}
     for p in evaluated:
-        emb = probe_emb[p, Tower.IMAGE]
-        images[p] = evaluate.EvalImages(
-            evaluate.embed(sessions[p, Tower.IMAGE], data.calibration.images),
-            emb[:n_test], emb[n_test:n_test + n_near], emb[n_test + n_near:])
-        classes[p] = evaluate.class_embeddings(probe_emb[p, Tower.TEXT][:len(prompt_ids)],
-                                               len(digits.CLASS_NAMES))
-
-    rows = []
-    for precision in precisions:
         for tower in Tower:
-            path, quantization = variants[precision, tower]
-            got = probe_emb[precision, tower]
-            cos = evaluate.cosine_to_reference(got, probe_emb[Precision.FP32, tower])
-            if tower is Tower.IMAGE:  # the served pair: both towers at this precision
-                metrics = evaluate.classification_metrics(
-                    images[precision], classes[precision], data.calibration.labels,
-                    data.test.labels, native_temperature)
-            else:  # the text tower's own effect, against FP32 images
-                metrics = evaluate.classification_metrics(
-                    images[Precision.FP32], classes[precision], data.calibration.labels,
-                    data.test.labels, native_temperature)
-                metrics.update(temperature=None, ood_threshold=None)
-            speed = evaluate.throughput(sessions[precision, tower], probes[tower][:config.throughput_batch],
-                                        config.throughput_seconds)
-            row = {
-                "model": spec.scale, "source": spec.source, "precision": precision.value,
-                "tower": tower.value, "endpoint": endpoint_name(spec.scale, precision, tower),
-                "size_bytes": path.stat().st_size, "cosine_mean": float(cos.mean()),
-                "cosine_min": float(cos.min()), "finite": bool(np.isfinite(got).all()),
-                **metrics, "items_per_s": speed, "throughput_batch": config.throughput_batch,
-                "quantization": quantization,
-            }
+            path, quantization = variants[p, tower]
+            row = by_key[p.value, tower.value]
             if not row["finite"]:
                 raise quantize.QuantizationError(
-                    f"{row['endpoint']}: produced NaN or inf embeddings")
-            rows.append(row)
-            say(f"{row['endpoint']}: cos {row['cosine_mean']:.5f} (min {row['cosine_min']:.5f}) "
-                f"top-1 {row['zero_shot_top1']:.3f} ECE {row['ece']:.3f}->"
-                f"{row['ece_calibrated']:.3f} AUROC {row['ood_auroc']:.3f} {speed:.0f}/s")
+                    f"{endpoint_name(spec.scale, p, tower)}: produced NaN or inf embeddings")
+            row.update({
+                "model": spec.scale, "source": spec.source, "seed": seed,
+                "endpoint": endpoint_name(spec.scale, p, tower),
+                "params_image": params[Tower.IMAGE], "params_text": params[Tower.TEXT],
+                "size_bytes": path.stat().st_size, "quantization": quantization,
+                "data": suite.description, "domain_measured": suite.domain_measured,
+                "items_per_s": evaluate.throughput(
+                    sessions[p, tower], (probes[tower])[:config.throughput_batch],
+                    config.throughput_seconds),
+                "throughput_batch": config.throughput_batch,
+            })
+    context = {"spec": spec, "shapes": shapes, "variants": variants, "suite": suite,
+               "native_temperature": native_temperature}
+    return context, result
 
-    for row in rows:
+
+def write_model(context: dict, result, precisions, config: ExportConfig, tokenizer_json: Path,
+                live_score: str, say) -> None:
+    """Write one model's endpoints (config, ONNX, sidecar, OOD state) into the repository."""
+    spec, shapes, suite = context["spec"], context["shapes"], context["suite"]
+    for row in result.rows:
         precision, tower = Precision(row["precision"]), Tower(row["tower"])
-        image_row = next(r for r in rows if r["precision"] == row["precision"] and r["tower"] == "image")
+        fields = {}
+        if tower is Tower.IMAGE:
+            fields = quality.image_sidecar_fields(suite, result.fitted, precision, live_score,
+                                          context["native_temperature"], "clipserve export")
         sidecar = Sidecar(
             scale=spec.scale, precision=precision.value, tower=tower.value,
             embed_dim=shapes.embed_dim, source=spec.source,
             image_size=shapes.image_size if tower is Tower.IMAGE else None,
             context_length=shapes.context_length if tower is Tower.TEXT else None,
-            temperature=image_row["temperature"] if tower is Tower.IMAGE else None,
-            ood_threshold=image_row["ood_threshold"] if tower is Tower.IMAGE else None,
-            quantization=row["quantization"],
-            labels=list(digits.CLASS_NAMES) if tower is Tower.IMAGE else None,
-            prompts=list(digits.PROMPTS) if tower is Tower.IMAGE else None,
-        )
-        repository.write_endpoint(Path(config.repository), variants[precision, tower][0], sidecar,
-                                  backend=config.backend, tensorrt=config.tensorrt,
-                                  tokenizer_json=tokenizer_json)
-    say(f"{spec.scale}: wrote {len(rows)} endpoints to {config.repository}")
+            quantization=row["quantization"], **fields)
+        endpoint = repository.write_endpoint(
+            Path(config.repository), context["variants"][precision, tower][0], sidecar,
+            backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json)
+        if sidecar.ood_state:
+            cal.save_ood_state(endpoint / sidecar.ood_state, live_score,
+                               result.fitted[precision].ood_states[live_score])
+    say(f"{spec.scale}: wrote {len(result.rows)} endpoints to {config.repository}")
+
+
+def export_model(spec: models.ModelSpec, precisions: list[Precision], config: ExportConfig,
+                 tokenizer_json: Path, say) -> list[dict]:
+    """Export, quantize, evaluate and write one model's endpoints; with ``config.seeds`` > 1
+    a built-in model's other seeds are evaluated too (report and scale study only). Returns
+    its report rows."""
+    def requested(rows):  # FP32 is always measured (the reference), listed only if asked
+        return [r for r in rows if Precision(r["precision"]) in precisions]
+
+    context, result = evaluate_spec(spec, precisions, config, say)
+    fp32_image = next(r for r in result.rows if r["precision"] == "fp32" and r["tower"] == "image")
+    live_score = quality.choose_ood_score(config.ood_score, context["suite"], fp32_image)
+    result.rows[:] = requested(result.rows)
+    write_model(context, result, precisions, config, tokenizer_json, live_score, say)
+    rows = [dict(r, live_ood_score=live_score) for r in result.rows]
+    seeds = config.seeds if spec.weights == models.BUILTIN_WEIGHTS else 1
+    for seed in range(1, seeds):
+        say(f"{spec.scale}: seed {seed + 1}/{seeds} (scale study; not served)")
+        rows += requested(evaluate_spec(spec, precisions, config, say, seed=seed)[1].rows)
     return rows
 
 
@@ -227,7 +232,8 @@ def export(config: ExportConfig, log=print) -> list[dict]:
     for i, spec in enumerate(specs, 1):
         say(f"model {i}/{len(specs)}: {spec.source}")
         rows += export_model(spec, precisions, config, tokenizer_json, say)
-    notes = REPORT_NOTES + [f"Config: {dataclasses.asdict(config)}"]
-    paths = report.write(rows, repo, notes)
+    budget = stats.parse_budget(config.budget)
+    paths = report.write(rows, repo, report.notes(rows, config=dataclasses.asdict(config),
+                                                  budget=budget), budget)
     say(f"report: {paths['md']} {paths['json']} {paths['png']}")
     return rows

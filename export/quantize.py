@@ -171,7 +171,9 @@ def to_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     _require_quantized(dst, "MatMulNBits", "int4")
     return {"method": "int4-weight-only-rtn", "block_size": block_size, "ops": [op for op, _ in INT4_OPS],
-            "accuracy_level": accuracy_level, "symmetric": True}
+            "accuracy_level": accuracy_level, "symmetric": True,
+            "activations": ("int8, quantized at run time (W4A8 compute)" if accuracy_level == 4
+                            else "float32 (weight-only)")}
 
 
 def _require_quantized(path: Path, op_type: str, what: str) -> None:

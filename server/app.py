@@ -115,6 +115,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self.health = health_aio.HealthServicer()
         self.routing: RoutingSource | None = None
+        self.catalog: Catalog | None = None
         self.monitor: HealthMonitor | None = None
         self.keys: KeyFile | None = None
         self.guard: CallGuard | None = None
@@ -131,7 +132,7 @@ class Gateway:
         """
         config = self.config
         log.info("clipserve serve: %s", describe(config))
-        catalog = Catalog.from_repository(config.repository)
+        catalog = self.catalog = Catalog.from_repository(config.repository)
         scale = resolve_default_scale(config, catalog)
         tokenizers = load_tokenizers(catalog)
         metrics = ServerMetrics(self.registry, catalog.scales)
@@ -232,11 +233,17 @@ class Gateway:
         return TritonBackend(self._triton.grpc_url)
 
     def reload(self) -> None:
-        """Re-read the routing file and the API key file now (SIGHUP)."""
+        """Re-read the routing file, the API key file and the endpoints' sidecars now
+        (SIGHUP)."""
         if self.routing is not None:
             self.routing.reload()
         if self.keys is not None:
             self.keys.reload()
+        if self.catalog is not None:
+            for name in self.catalog.reload_sidecars():
+                spec = self.catalog.by_name(name)
+                log.info("%s: sidecar revision %d (labels %s)", name, spec.sidecar.revision,
+                         ", ".join(spec.sidecar.labels or ()) or "none")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace_s`` (default the

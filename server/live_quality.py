@@ -32,7 +32,7 @@ from typing import Awaitable, Callable, Hashable, Iterable, Sequence
 import grpc
 import numpy as np
 
-from clipserve.calibration import score_ece, score_kl, score_mcm, softmax
+from clipserve.calibration import load_ood_state, score_ece, score_kl, score_mcm, score_ood, softmax
 from clipserve.endpoints import Precision, Tower
 
 from .errors import ServingError
@@ -430,6 +430,32 @@ def compare_embeddings(served: np.ndarray, served_labels: np.ndarray, served_t: 
 
 # -- the facade the servicer uses ------------------------------------------------------------
 
+FIT_COMMAND = ("clipserve evaluate --repository REPO --eval-data DIR --write-sidecars "
+               "(DIR: a labelled folder, one sub-folder per label)")
+
+
+def check_ood_labels(catalog: Catalog, labels: Sequence[str]) -> None:
+    """Refuse a deployment label set (``--ood-labels``) that no image endpoint's threshold was
+    fitted for: an MCM threshold and a temperature belong to the labels they were fitted on.
+
+    Raises:
+        ValueError: naming the endpoints, the label sets they were fitted on, and the command
+            that fits a threshold for ``labels``.
+    """
+    if not labels:
+        return
+    wanted = sorted(labels)
+    unfitted = {spec.name: spec.sidecar.labels for spec in catalog if spec.tower is Tower.IMAGE
+                and (spec.sidecar.ood_threshold is None
+                     or sorted(spec.sidecar.labels or ()) != wanted)}
+    if unfitted:
+        shown = "; ".join(f"{name}: {', '.join(fitted) if fitted else 'none'}"
+                          for name, fitted in sorted(unfitted.items()))
+        raise ValueError(
+            f"--ood-labels {','.join(labels)} has no fitted OOD threshold and temperature at "
+            f"{len(unfitted)} image endpoint(s) (label sets fitted: {shown}). Fit them for "
+            f"these labels with: {FIT_COMMAND}")
+
 @dataclass(frozen=True)
 class LiveSettings:
     """The knobs :class:`LiveQuality` takes from the server config."""
@@ -479,6 +505,26 @@ class LiveQuality:
         self._windows: dict[tuple[str, Precision], CalibrationWindow] = {}
         metrics.init_endpoints(catalog.targets(Tower.IMAGE))
         self._indexes: dict[LabelSetKey, LabelIndex] = {}  # one per deployment set
+        self._ood_states: dict[tuple[str, int], tuple[str, dict]] = {}  # (endpoint, revision)
+        check_ood_labels(catalog, settings.id_labels)
+
+    # -- OOD scores --------------------------------------------------------------------------
+
+    def ood_scores(self, spec: EndpointSpec, vectors: np.ndarray,
+                   cosines: np.ndarray) -> np.ndarray:
+        """The endpoint's live OOD score of each image (higher = more in-distribution),
+        comparable with ``spec.sidecar.ood_threshold``: MCM over ``cosines`` (the images
+        against a label set) at the fitted T, or the sidecar's feature-space score of the
+        embeddings themselves (label-free)."""
+        car = spec.sidecar
+        if car.ood_score in (None, "mcm"):
+            return score_mcm(cosines, car.temperature)
+        key = (spec.name, car.revision)
+        state = self._ood_states.get(key)
+        if state is None:
+            state = self._ood_states[key] = load_ood_state(spec.directory / car.ood_state)
+        kind, fitted = state
+        return score_ood(kind, fitted, vectors)
 
     # -- label sets --------------------------------------------------------------------------
 
@@ -558,7 +604,7 @@ class LiveQuality:
         else:
             cosines = vectors.astype(np.float64) @ label_vectors.astype(np.float64).T
             self.record(spec, key, softmax(cosines, spec.sidecar.temperature),
-                        score_mcm(cosines, spec.sidecar.temperature), request_id)
+                        self.ood_scores(spec, vectors, cosines), request_id)
         if pixels is not None:
             self.shadow.submit(spec, pixels, vectors, key)
 

@@ -100,6 +100,22 @@ class Catalog:
                              f"(no */{SIDECAR_FILENAME})")
         return cls(specs)
 
+    def reload_sidecars(self) -> list[str]:
+        """Re-read every endpoint's sidecar (``clipserve evaluate --write-sidecars`` writes new
+        revisions while the gateway runs); returns the names whose revision changed. An
+        unreadable one keeps its previous sidecar and is logged."""
+        changed = []
+        for name, spec in list(self._by_name.items()):
+            try:
+                fresh = read_endpoint(spec.directory)
+            except ValueError as exc:
+                log.error("keeping %s's sidecar revision %d: %s", name, spec.sidecar.revision, exc)
+                continue
+            if fresh.sidecar != spec.sidecar:
+                self._by_name[name] = fresh
+                changed.append(name)
+        return changed
+
     def __iter__(self) -> Iterator[EndpointSpec]:
         return iter(sorted(self._by_name.values(), key=lambda s: s.name))
 

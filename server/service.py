@@ -23,7 +23,7 @@ from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 import grpc
 import numpy as np
 
-from clipserve.calibration import score_mcm, softmax
+from clipserve.calibration import softmax
 from clipserve.endpoints import Precision, Tower, endpoint_name
 
 from .backend import Backend
@@ -31,7 +31,8 @@ from .config import ServerConfig
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
-from .live_quality import LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings, average_prompts
+from .live_quality import (FIT_COMMAND, LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings,
+                           average_prompts)
 from .metrics import Method, Phase, ServerMetrics
 from .repository import Catalog, EndpointSpec
 from .routing import HEADER_ENDPOINT, RoutingPolicy, Target, route
@@ -393,8 +394,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._check_labels(labels, templates)
         if sidecar.temperature is None or sidecar.ood_threshold is None:
             raise ServingError.failed_precondition(
-                f"endpoint {image_spec.name} has no fitted temperature/OOD threshold in its "
-                "sidecar; re-export the repository")
+                f"endpoint {image_spec.name} has no temperature/OOD threshold fitted on its "
+                f"domain; fit them with: {FIT_COMMAND}")
         await self._announce(context, call, image_spec)
         # Label embeddings come from the cache (computed once per scale, precision, labels and
         # templates), never re-embedded per call.
@@ -408,7 +409,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                                                               self.live.labels.get(key))
         cosines = image_emb.astype(np.float64) @ label_emb.astype(np.float64).T
         probabilities = softmax(cosines, sidecar.temperature)
-        ood_scores = score_mcm(cosines, sidecar.temperature)
+        ood_scores = self.live.ood_scores(image_spec, image_emb, cosines)
         self.live.classified(image_spec, key, probabilities, ood_scores, call.request_id, pixels,
                              image_emb)
         results = []

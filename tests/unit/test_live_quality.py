@@ -314,15 +314,24 @@ async def test_classify_scores_with_its_own_labels_and_embeds_them_once(live):
                   label_set="deployment") == 1
 
 
-async def test_configured_ood_labels_replace_the_sidecar_set(live):
-    h = await live(ood_labels=("red", "green", "blue"), ood_prompts=("a {} thing",),
-                   max_batch_items=len(COLORS))
+async def test_ood_labels_without_a_fitted_threshold_are_refused(repo):
+    with pytest.raises(ValueError) as err:
+        Harness(repo, ood_labels=("red", "green", "blue"))
+    message = str(err.value)
+    assert "red,green,blue has no fitted OOD threshold" in message
+    assert "zero, one, two" in message  # what the endpoints were fitted on
+    assert "clipserve evaluate --repository REPO --eval-data DIR --write-sidecars" in message
+
+
+async def test_configured_ood_labels_of_the_fitted_set_take_their_own_prompts(live):
+    labels = ("two", "zero", "one")  # the sidecar's set, another order
+    h = await live(ood_labels=labels, ood_prompts=("a {} thing",), max_batch_items=len(COLORS))
     key = h.service.live.deployment_key(h.catalog.get(SCALE, Precision.FP32, Tower.IMAGE))
-    assert key.labels == ("red", "green", "blue") and key.templates == ("a {} thing",)
+    assert key.labels == labels and key.templates == ("a {} thing",)
     await h.service.EmbedImages(pb.EmbedImagesRequest(images=[png(c) for c in COLORS]),
                                 FakeContext())
     expected = score_mcm(fake_image_embeddings(COLORS).astype(np.float64) @ fake_label_embeddings(
-        ("red", "green", "blue"), ("a {} thing",)).astype(np.float64).T, TEMPERATURE)
+        labels, ("a {} thing",)).astype(np.float64).T, TEMPERATURE)
     assert sample(h, "clipserve_ood_score_sum", precision="fp32",
                   label_set="deployment") == pytest.approx(expected.sum())
 

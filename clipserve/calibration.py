@@ -448,6 +448,25 @@ def load_ood_state(path: str | os.PathLike):
         raise ValueError(f"{path}: {kind} state lacks array {exc}") from exc
 
 
+def fit_ood_state(kind: str, id_embeddings: np.ndarray, labels: np.ndarray | None = None,
+                  **options):
+    """Fit the state of OOD score ``kind`` on in-distribution image embeddings: None for
+    "mcm" (it needs only the temperature), :func:`fit_knn` for "knn", :func:`fit_mahalanobis`
+    (which needs ``labels``) for "mahalanobis"; ``options`` go to that function.
+
+    Raises ValueError for an unknown kind (listing the known ones) or missing labels.
+    """
+    if kind == "mcm":
+        return None
+    if kind == "knn":
+        return fit_knn(id_embeddings, **options)
+    if kind == "mahalanobis":
+        if labels is None:
+            raise ValueError("the mahalanobis OOD score needs the ID embeddings' labels")
+        return fit_mahalanobis(id_embeddings, labels, **options)
+    raise ValueError(f"unknown OOD score {kind!r}; known: {list(OOD_SCORES)}")
+
+
 def score_ood(kind: str, state=None, embeddings: np.ndarray | None = None,
               cosines: np.ndarray | None = None,
               temperature: float | None = None) -> np.ndarray:

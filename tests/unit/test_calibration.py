@@ -282,3 +282,19 @@ def test_score_ood_dispatch_and_errors(tmp_path):
         np.savez(f, a=np.ones(3))
     with pytest.raises(ValueError, match="not an OOD state"):
         cal.load_ood_state(tmp_path / "foreign.npz")
+
+
+def test_fit_ood_state_then_score_ood_for_every_kind():
+    id_fit, labels, id_test, far = _cluster_and_far(seed=1)
+    classes = np.random.default_rng(1).normal(size=(4, 32))
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    for kind in cal.OOD_SCORES:
+        state = cal.fit_ood_state(kind, id_fit, labels)
+        assert (state is None) == (kind == "mcm")
+        scores = cal.score_ood(kind, state, embeddings=id_test,
+                               cosines=id_test @ classes.T, temperature=0.05)
+        assert scores.shape == (200,) and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="labels"):
+        cal.fit_ood_state("mahalanobis", id_fit)
+    with pytest.raises(ValueError, match="known"):
+        cal.fit_ood_state("energy", id_fit)

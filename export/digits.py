@@ -95,14 +95,10 @@ def _render_far_ood(n: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def load(image_size: int, seed: int = 0, n_ood: int = 300) -> DigitsData:
-    """Load the digits, split them stratified 70/15/15 (train/calibration/test), and build
-    the OOD sets. Deterministic for a given seed."""
-    from sklearn.datasets import load_digits  # bundled in the wheel: no download
-
-    digits = load_digits()
-    grey, labels = digits.images, digits.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
+def _split_indices(labels: np.ndarray, rng: np.random.Generator) -> dict[str, list[int]]:
+    """Stratified 70/15/15 indices. ``load`` goes on drawing the OOD sets from the same
+    generator, so this must consume it exactly as it always has (trained checkpoints are
+    cached against this split)."""
     parts: dict[str, list[int]] = {"train": [], "calibration": [], "test": []}
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -110,6 +106,21 @@ def load(image_size: int, seed: int = 0, n_ood: int = 300) -> DigitsData:
         parts["calibration"] += idx[:n_cal].tolist()
         parts["test"] += idx[n_cal:n_cal + n_test].tolist()
         parts["train"] += idx[n_cal + n_test:].tolist()
+    return parts
+
+
+N_OOD = 300  # images per OOD set by default
+
+
+def load(image_size: int, seed: int = 0, n_ood: int = N_OOD) -> DigitsData:
+    """Load the digits, split them stratified 70/15/15 (train/calibration/test), and build
+    the OOD sets. Deterministic for a given seed."""
+    from sklearn.datasets import load_digits  # bundled in the wheel: no download
+
+    digits = load_digits()
+    grey, labels = digits.images, digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    parts = _split_indices(labels, rng)
     images = _to_model_images(grey, image_size)
     splits = {name: Split(images[np.sort(ix)], labels[np.sort(ix)]) for name, ix in parts.items()}
     return DigitsData(
@@ -122,3 +133,96 @@ def load(image_size: int, seed: int = 0, n_ood: int = 300) -> DigitsData:
 def captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
     """One caption per label, each from a random prompt template."""
     return [PROMPTS[rng.integers(len(PROMPTS))].format(CLASS_NAMES[c]) for c in labels]
+
+
+# Covariate shift: the same test digits (same labels), changed in ways a deployment sees.
+# Severities are in units of the 8x8 source, so a level means the same at every input size:
+# blur sigma and rotation are applied at model size but scaled by S/8.
+SHIFT_SEVERITIES = {
+    "blur": (0.35, 0.7, 1.2),  # Gaussian sigma, in 8x8-source pixels
+    "noise": (12.0, 28.0, 56.0),  # additive Gaussian noise, std in uint8 levels
+    "rotation": (12.0, 25.0, 40.0),  # degrees, direction drawn per image
+    "contrast": (0.6, 0.35, 0.15),  # factor towards each image's mean intensity
+}
+SHIFT_NAMES = tuple(f"{k}-{s}" for k in SHIFT_SEVERITIES for s in (1, 2, 3)) + ("nearest",)
+# Fixed salt so the corruption draws are independent of the split's generator.
+_SHIFT_SALT = 0x5EED
+
+
+def _corrupt(images: np.ndarray, kind: str, level: float, image_size: int,
+             rng: np.random.Generator) -> np.ndarray:
+    from PIL import ImageFilter
+
+    if kind == "noise":
+        noisy = images.astype(np.float64) + rng.normal(0.0, level, images.shape[:3])[..., None]
+        return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    if kind == "contrast":
+        x = images.astype(np.float64)
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        return np.clip(np.round(mean + (x - mean) * level), 0, 255).astype(np.uint8)
+    out = np.empty_like(images)
+    signs = rng.choice((-1.0, 1.0), size=len(images))
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img[..., 0], mode="L")  # digits are grey: R = G = B
+        if kind == "blur":
+            pil = pil.filter(ImageFilter.GaussianBlur(radius=level * image_size / 8))
+        elif kind == "rotation":  # black fill is the digits' own background
+            pil = pil.rotate(signs[i] * level, resample=Image.BILINEAR, fillcolor=0)
+        else:
+            raise ValueError(f"unknown corruption {kind!r}")
+        out[i] = np.asarray(pil)[..., None]
+    return out
+
+
+def shifted(split: str, image_size: int, seed: int = 0,
+            names: tuple[str, ...] | None = None) -> dict[str, Split]:
+    """Covariate-shifted copies of one digits split, for measuring robustness per precision.
+
+    :data:`SHIFT_NAMES`: each corruption of :data:`SHIFT_SEVERITIES` at severities 1..3
+    ("blur-1" .. "contrast-3"),
+    plus "nearest": the same 8x8 digits upsampled with nearest-neighbour instead of bilinear
+    (the built-in model flags about half of those as OOD on the live gateway). Labels are the
+    split's own. Deterministic for a given ``seed``.
+
+    Args:
+        split: which split of :func:`load` to corrupt; only "test" is accepted, so that no
+            image the calibration or training saw is reported.
+        image_size: the model's input side S.
+        seed: the data seed passed to :func:`load` (which digits are in the split); the
+            corruption draws derive from it too.
+        names: build only these sets (default: all of them).
+
+    Raises:
+        ValueError: a split other than "test", or an unknown name.
+    """
+    if split != "test":
+        raise ValueError(f"shifted sets are built from the test split only (got {split!r}): "
+                         "calibration images are used for fitting and never reported")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey, labels = digits.images, digits.target.astype(np.int64)
+    idx = np.sort(_split_indices(labels, np.random.default_rng(seed))[split])
+    grey, labels = grey[idx], labels[idx]
+    all_names = list(SHIFT_NAMES)
+    wanted = all_names if names is None else list(names)
+    unknown = sorted(set(wanted) - set(all_names))
+    if unknown:
+        raise ValueError(f"unknown shifted set(s) {unknown}; known: {all_names}")
+    clean = _to_model_images(grey, image_size)
+    out: dict[str, Split] = {}
+    for name in wanted:
+        if name == "nearest":
+            img = np.empty_like(clean)
+            for i, g in enumerate(grey):
+                pil = Image.fromarray(np.clip(g * 16, 0, 255).astype(np.uint8), mode="L")
+                img[i] = np.asarray(pil.resize((image_size, image_size), Image.NEAREST))[..., None]
+        else:
+            kind, severity = name.rsplit("-", 1)
+            level = SHIFT_SEVERITIES[kind][int(severity) - 1]
+            # One generator per set: a set's draws do not depend on which others were asked.
+            rng = np.random.default_rng([_SHIFT_SALT, seed, all_names.index(name)])
+            gray = _corrupt(clean[..., :1], kind, level, image_size, rng)
+            img = np.repeat(gray, 3, axis=-1)
+        out[name] = Split(img, labels.copy())
+    return out

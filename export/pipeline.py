@@ -124,8 +124,7 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
         parity = ox.check_parity(model, tower, shapes, fp32[tower])
         say(f"{tag} {tower.value}: exported FP32 ONNX, min cosine to PyTorch {parity:.6f}")
 
-    suite = quality.build_suite(
-        config, builtin=spec.weights == models.BUILTIN_WEIGHTS, image_size=shapes.image_size)
+    suite = quality.build_suite(config, builtin=spec.weights == models.BUILTIN_WEIGHTS)
     labelled = suite.labelled
     tokenizer = open_clip.get_tokenizer(spec.name)
     prompt_ids = _token_ids(tokenizer, [t.format(c) for c in labelled.class_names
@@ -158,7 +157,7 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
                 "endpoint": endpoint_name(spec.scale, p, tower),
                 "params_image": params[Tower.IMAGE], "params_text": params[Tower.TEXT],
                 "size_bytes": path.stat().st_size, "quantization": quantization,
-                "data": suite.description, "domain_measured": suite.domain_measured,
+                "data": quality.describe_suite(suite), "domain_measured": suite.domain_measured,
                 "items_per_s": evaluate.throughput(
                     sessions[p, tower], (probes[tower])[:config.throughput_batch],
                     config.throughput_seconds),

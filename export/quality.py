@@ -175,8 +175,8 @@ def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
         from clipserve.export import datasets
 
         hits = datasets.recall_at_k(images.retrieval, captions, suite.retrieval.caption_image)
-        retrieval = {f"{direction}_r@{k}": np.asarray(h, bool)
-                     for direction, per_k in hits.items() for k, h in per_k.items()}
+        for direction, per_k in (("i2t", hits.image_to_text), ("t2i", hits.text_to_image)):
+            retrieval.update({f"{direction}_r@{k}": np.asarray(h, bool) for k, h in per_k.items()})
     return PairScores(
         labels=labels, pred=pred, correct=pred == labels, top5=top5, confidence=probs.max(1),
         confidence_native=(cal.softmax(cos_test, native_temperature).max(1)
@@ -204,17 +204,24 @@ def _fpr95(values, is_ood):
     return cal.fpr_at_tpr(values[~is_ood], values[is_ood])
 
 
+def _mean(values):  # vectorised: [resamples, n] -> [resamples]
+    return np.asarray(values, np.float64).mean(axis=-1)
+
+
+MEAN = "mean"  # marks a metric whose statistic is the mean of one per-item array
+
+
 def metric_inputs(s: PairScores, suite) -> dict[str, tuple[tuple, object, bool, np.ndarray | None]]:
-    """{metric: (per-item arrays, statistic, higher_is_better, strata)} for one pair. The same
-    metric on two pairs takes the same items, so deltas can be bootstrapped paired."""
+    """{metric: (per-item arrays, statistic or MEAN, higher_is_better, strata)} for one pair.
+    The same metric on two pairs takes the same items, so deltas can be bootstrapped paired."""
     m = {
-        "top1": ((s.correct,), np.mean, True, None),
+        "top1": ((s.correct,), MEAN, True, None),
         "ece": ((s.confidence, s.correct), cal.score_ece, False, None),
-        "nll": ((s.nll,), np.mean, False, None),
-        "brier": ((s.brier,), np.mean, False, None),
+        "nll": ((s.nll,), MEAN, False, None),
+        "brier": ((s.brier,), MEAN, False, None),
     }
     if s.top5 is not None:
-        m["top5"] = ((s.top5,), np.mean, True, None)
+        m["top5"] = ((s.top5,), MEAN, True, None)
     if s.confidence_native is not None:
         m["ece_native"] = ((s.confidence_native, s.correct), cal.score_ece, False, None)
     if suite.ood:
@@ -233,16 +240,16 @@ def metric_inputs(s: PairScores, suite) -> dict[str, tuple[tuple, object, bool, 
     if s.shift:
         correct = np.concatenate([c for c, _ in s.shift.values()])
         conf = np.concatenate([p for _, p in s.shift.values()])
-        m["shift_top1"] = ((correct,), np.mean, True, None)
+        m["shift_top1"] = ((correct,), MEAN, True, None)
         m["shift_ece"] = ((conf, correct), cal.score_ece, False, None)
     for name, hits in s.retrieval.items():
-        m[name] = ((hits,), np.mean, True, None)
+        m[name] = ((hits,), MEAN, True, None)
     return m
 
 
 def summary(s: PairScores, suite) -> dict:
     """Point values of every metric, per OOD set and score, per shift set, flagged rates."""
-    out = {metric: float(stat(*arrays))
+    out = {metric: float(np.mean(arrays[0]) if stat == MEAN else stat(*arrays))
            for metric, (arrays, stat, _, _) in metric_inputs(s, suite).items()}
     out["zero_shot_top1"] = out["top1"]
     out["ece_calibrated"] = out["ece"]
@@ -255,6 +262,8 @@ def summary(s: PairScores, suite) -> dict:
         name: {score: cal.auroc(s.id_scores[score], scores[score]) for score in scores}
         for name, scores in s.ood_scores.items()}
     out["flagged_rate_id"] = float((s.id_scores["mcm"] < s.thresholds["mcm"]).mean())
+    out["flagged_rate_id_by_score"] = {
+        score: float((s.id_scores[score] < s.thresholds[score]).mean()) for score in OOD_SCORES}
     out["flagged_rate_by_set"] = {
         name: {score: float((scores[score] < s.thresholds[score]).mean()) for score in OOD_SCORES}
         for name, scores in s.ood_scores.items()}
@@ -269,22 +278,24 @@ def paired_deltas(ref: PairScores, cand: PairScores, suite, *, n_resamples: int,
     ref_in, cand_in = metric_inputs(ref, suite), metric_inputs(cand, suite)
     deltas = {}
     for metric, (arrays, statistic, higher, strata) in cand_in.items():
+        mean = statistic == MEAN
         deltas[metric] = stats.paired_bootstrap(
-            statistic, ref_in[metric][0], arrays, strata=strata, n_resamples=n_resamples,
-            seed=seed, metric=metric, higher_is_better=higher)
+            _mean if mean else statistic, ref_in[metric][0], arrays, strata=strata,
+            n_resamples=n_resamples, seed=seed, metric=metric, higher_is_better=higher,
+            vectorized=mean)
     return deltas
 
 
 def judge(deltas: dict[str, stats.Delta], budget: dict[str, float]) -> dict:
     """The verdict of one endpoint: every budgeted metric it has, then the combination."""
     per_metric = {}
-    for metric, limit in budget.items():
-        if metric in deltas:
-            per_metric[metric] = stats.verdict(deltas[metric], limit,
-                                               points=metric in POINT_METRICS)
+    for metric, delta in deltas.items():
+        key = "recall" if "_r@" in metric else metric
+        if key in budget:
+            per_metric[metric] = stats.verdict_for(delta, key, budget)
     if not per_metric:
         return {"verdict": stats.Verdict.INCONCLUSIVE.value, "metrics": {}, "items_needed": None}
-    overall = stats.combine_verdicts([v.verdict for v in per_metric.values()])
+    overall = stats.verdict_of_many(per_metric.values())
     needed = [v.items_needed for v in per_metric.values()
               if v.verdict is stats.Verdict.INCONCLUSIVE and v.items_needed]
     return {"verdict": overall.value,
@@ -304,20 +315,33 @@ def flips(ref: PairScores, cand: PairScores) -> dict:
 OOD_STATE_FILENAME = "ood_state.npz"
 
 
-def build_suite(config, *, builtin: bool, image_size: int):
+def build_suite(config, *, builtin: bool):
     """The evaluation suite named by ``config``'s eval_data/ood_data/retrieval_data/shift_data
     (an ExportConfig or EvaluateConfig): the user's data when given, else the built-in digits,
     whose ``domain_measured`` is true only for the built-in (digit) models."""
     from clipserve.export import datasets
 
     if config.eval_data:
-        return datasets.from_paths(eval_data=config.eval_data, ood_data=config.ood_data,
-                                   retrieval_data=config.retrieval_data,
-                                   shift_data=config.shift_data)
+        return datasets.EvalSuite.from_paths(
+            eval_data=config.eval_data, ood_data=config.ood_data or None,
+            retrieval_data=config.retrieval_data or None, shift_data=config.shift_data or None)
     if config.ood_data or config.retrieval_data or config.shift_data:
         raise ValueError("--ood-data, --retrieval-data and --shift-data need --eval-data "
                          "(the labelled in-distribution set they are compared with)")
-    return dataclasses.replace(datasets.builtin_digits_suite(image_size), domain_measured=builtin)
+    return dataclasses.replace(datasets.builtin_digits_suite(), domain_measured=builtin)
+
+
+def describe_suite(suite) -> str:
+    """One line naming every set a report was measured on."""
+    parts = [suite.labelled.source]
+    if suite.ood:
+        parts.append("OOD: " + ", ".join(f"{n} ({o.kind}, {len(o.images)})"
+                                         for n, o in suite.ood.items()))
+    if suite.shift:
+        parts.append(f"shift: {len(suite.shift)} sets ({', '.join(suite.shift)})")
+    if suite.retrieval:
+        parts.append(suite.retrieval.source)
+    return "; ".join(parts)
 
 
 def choose_ood_score(configured: str, suite, fp32_row: dict) -> str:
@@ -337,7 +361,7 @@ def image_sidecar_fields(suite, fitted, precision: Precision, live_score: str,
     """The sidecar fields an image endpoint's live scoring reads. Without data from the
     model's own domain, nothing is fitted: the gateway then leaves live OOD scoring off."""
     labelled = suite.labelled
-    evaluation = {"data": suite.description, "domain_measured": bool(suite.domain_measured),
+    evaluation = {"data": describe_suite(suite), "domain_measured": bool(suite.domain_measured),
                   "n_calibration": int(len(labelled.calibration.labels)),
                   "n_test": int(len(labelled.test.labels)), "fitted_by": fitted_by,
                   "native_temperature": native_temperature}

@@ -73,8 +73,7 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
                              in mine}, key=list(Precision).index)
         image_car = mine[Precision.FP32, Tower.IMAGE][1]
         text_name, text_car = mine[Precision.FP32, Tower.TEXT]
-        suite = quality.build_suite(config, builtin=image_car.source.endswith("::builtin"),
-                                    image_size=image_car.image_size)
+        suite = quality.build_suite(config, builtin=image_car.source.endswith("::builtin"))
         tokenizer = ClipTokenizer.from_file(repository / text_name / TOKENIZER_FILENAME,
                                             text_car.context_length)
 
@@ -88,7 +87,7 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
         sessions = {key: evaluate.make_session(repository / name / "1" / "model.onnx")
                     for key, (name, _) in mine.items() if key[0] in precisions}
         native_t = (image_car.evaluation or {}).get("native_temperature")
-        log(f"[evaluate] {scale}: {', '.join(p.value for p in precisions)} on {suite.description}")
+        log(f"[evaluate] {scale}: {', '.join(p.value for p in precisions)} on {quality.describe_suite(suite)}")
         result = quality.evaluate_model(
             scale=scale, sessions=sessions, suite=suite, prompt_ids=prompt_ids,
             caption_ids=caption_ids, probe_ids=probe_ids, image_size=image_car.image_size,
@@ -102,7 +101,7 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
             row.update({"model": scale, "source": car.source, "seed": 0, "endpoint": name,
                         "params_image": params[Tower.IMAGE], "params_text": params[Tower.TEXT],
                         "size_bytes": (repository / name / "1" / "model.onnx").stat().st_size,
-                        "quantization": car.quantization, "data": suite.description,
+                        "quantization": car.quantization, "data": quality.describe_suite(suite),
                         "domain_measured": suite.domain_measured, "live_ood_score": live_score})
         rows += result.rows
         if config.write_sidecars:

@@ -1,22 +1,23 @@
 """The export stage end to end on the built-in digits-s: report, sidecars, repository layout."""
 
-import json
-
 import numpy as np
 import pytest
 
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name, parse_endpoint_name
 from clipserve.tokenizer import ClipTokenizer
+from clipserve.export import digits
+from clipserve.export.report import read_rows
 from tests.integration.conftest import PRECISIONS
 
 REQUIRED = ["model", "precision", "tower", "size_bytes", "cosine_mean", "cosine_min",
             "zero_shot_top1", "ece", "ece_calibrated", "ood_auroc", "fpr95", "temperature",
-            "ood_threshold", "items_per_s"]
+            "ood_threshold", "items_per_s", "n_test", "params_image", "params_text", "nll",
+            "brier", "ood_auroc_near", "ood_auroc_far", "shift_top1", "verdict"]
 
 
 @pytest.fixture(scope="module")
 def rows(repository):
-    return json.loads((repository / "report.json").read_text())
+    return read_rows(repository / "report.json")
 
 
 def row(rows, precision, tower):
@@ -60,7 +61,7 @@ def test_temperature_fit_and_ood_figures_are_consistent(rows):
         # The threshold keeps 95% of calibration digits; on the test digits the flagged share
         # should be near 5%, and far higher on noise/textures.
         assert 0.0 <= r["flagged_rate_id"] <= 0.15
-        assert r["flagged_rate_far"] > 3 * r["flagged_rate_id"]
+        assert r["flagged_rate_by_set"]["noise"]["mcm"] > 3 * r["flagged_rate_id"]
         assert r["ood_auroc"] > 0.6
         assert row(rows, precision, "text")["temperature"] is None
 
@@ -77,7 +78,10 @@ def test_sidecars_and_layout(repository, rows):
         assert (sidecar.precision, sidecar.tower, sidecar.embed_dim) == (r["precision"], r["tower"], 64)
         if r["tower"] == "image":
             assert sidecar.image_size == 32 and sidecar.temperature == r["temperature"]
-            assert sidecar.ood_threshold == r["ood_threshold"] and len(sidecar.labels) == 10
+            score = r["live_ood_score"]
+            assert sidecar.ood_score == score and sidecar.labels == list(digits.CLASS_NAMES)
+            assert sidecar.ood_threshold == r["ood_thresholds"][score]
+            assert sidecar.evaluation["domain_measured"] is True
         else:
             assert sidecar.context_length == 16 and (endpoint / "tokenizer.json").is_file()
     assert Sidecar.read(repository / "digits-s_int4_image").quantization["block_size"] == 32

@@ -74,6 +74,10 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
         image_car = mine[Precision.FP32, Tower.IMAGE][1]
         text_name, text_car = mine[Precision.FP32, Tower.TEXT]
         suite = quality.build_suite(config, builtin=image_car.source.endswith("::builtin"))
+        if config.write_sidecars and not suite.domain_measured:
+            raise ValueError(f"{scale} is not a built-in digits model: --write-sidecars fits "
+                             "labels and thresholds to --eval-data, the labelled folder of "
+                             "your model's domain")
         tokenizer = ClipTokenizer.from_file(repository / text_name / TOKENIZER_FILENAME,
                                             text_car.context_length)
 
@@ -105,9 +109,6 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
                         "domain_measured": suite.domain_measured, "live_ood_score": live_score})
         rows += result.rows
         if config.write_sidecars:
-            if not suite.domain_measured:
-                raise ValueError("--write-sidecars fits labels and thresholds to --eval-data; "
-                                 "give the labelled folder of your model's domain")
             for p in precisions:
                 name, _ = mine[p, Tower.IMAGE]
                 fields = quality.image_sidecar_fields(suite, result.fitted, p, live_score,

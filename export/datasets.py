@@ -380,7 +380,7 @@ def _label_texts(root: Path, folders: list[str]) -> tuple[list[str], str]:
     if not path.exists():
         return list(folders), "folder names"
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); expected an object mapping each "
                          "class folder name to its label text") from None
@@ -395,7 +395,7 @@ def _label_texts(root: Path, folders: list[str]) -> tuple[list[str], str]:
         if missing:
             parts.append(f"no label for folder(s) {missing}")
         if extra:
-            parts.append(f"label(s) for folder(s) that do not exist or hold no images {extra}")
+            parts.append(f"label(s) for folder(s) that do not exist {extra}")
         raise ValueError(f"{path}: {'; '.join(parts)}; it must name every class folder exactly")
     texts = [mapping[f].strip() for f in folders]
     duplicated = sorted({t for t in texts if texts.count(t) > 1})
@@ -409,7 +409,8 @@ def _templates(root: Path) -> tuple[tuple[str, ...], str]:
     path = root / TEMPLATES_FILE
     if not path.exists():
         return DEFAULT_TEMPLATES, "the default 7 CLIP ImageNet templates"
-    return parse_templates(path.read_text(encoding="utf-8").splitlines(), str(path)), TEMPLATES_FILE
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    return parse_templates(lines, str(path)), TEMPLATES_FILE
 
 
 def parse_templates(lines: Sequence[str], where: str = "templates") -> tuple[str, ...]:
@@ -485,10 +486,13 @@ def load_image_folder(path: os.PathLike | str, *, name: str | None = None,
                          f"per class), got {max_per_class}")
     root = _require_dir(path, "evaluation data folder")
     name = name or root.name
-    classes = {f: files for f, files in _class_folders(root).items() if files}
-    if len(classes) < 2:
+    # Empty class folders are kept (and refused below): dropping a class silently would
+    # make zero-shot easier than the user's real task.
+    classes = _class_folders(root)
+    with_images = sum(1 for files in classes.values() if files)
+    if with_images < 2:
         raise ValueError(
-            f"evaluation data folder {root} has {len(classes)} class folder(s) with images; "
+            f"evaluation data folder {root} has {with_images} class folder(s) with images; "
             "zero-shot classification needs at least 2: put each class's images "
             f"({', '.join(IMAGE_EXTENSIONS)}) in its own sub-folder, e.g. {root}/cat/1.jpg")
     folders = list(classes)
@@ -643,29 +647,42 @@ def _pick_column(columns: Sequence[str], wanted: Sequence[str], what: str, path:
                      f"{list(wanted)}")
 
 
-def _read_retrieval_rows(path: Path) -> list[tuple[int, str, list[str]]]:
-    """(line number, image path as written, captions) per row."""
-    text = path.read_text(encoding="utf-8")
+def _read_retrieval_rows(path: Path) -> list[tuple[str, str, list[str]]]:
+    """("line N" or "item N", image path as written, captions) per row."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read retrieval data file {path}: {exc}") from None
     rows = []
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        if text.lstrip().startswith("["):
+            # One JSON list of objects: the BLIP/CLIP_benchmark Flickr30k and COCO annotations.
             try:
-                item = json.loads(line)
+                items = [(f"item {i}", x) for i, x in enumerate(json.loads(text), 1)]
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not JSON ({exc}); expected one object "
-                                 'per line like {"image": "a.jpg", "caption": "a dog"}') from None
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        else:
+            items = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f"{path}, line {number}: not JSON ({exc}); expected one object per "
+                        'line like {"image": "a.jpg", "caption": "a dog"}') from None
+        for where, item in items:
             if not isinstance(item, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
+                raise ValueError(f"{path}, {where}: expected a JSON object")
             image_key = _pick_column(list(item), IMAGE_COLUMNS, "image", path)
             caption_key = _pick_column(list(item), CAPTION_COLUMNS, "caption", path)
             caps = item[caption_key]
             caps = [caps] if isinstance(caps, str) else caps
             if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{path}, line {number}: {caption_key!r} must be a string or a "
-                                 "list of strings")
-            rows.append((number, str(item[image_key]), caps))
+                raise ValueError(f"{path}, {where}: {caption_key!r} must be a string or a list "
+                                 "of strings")
+            rows.append((where, str(item[image_key]), caps))
         return rows
     lines = text.splitlines()
     header = lines[0] if lines else ""
@@ -676,8 +693,9 @@ def _read_retrieval_rows(path: Path) -> list[tuple[int, str, list[str]]]:
         raise ValueError(f"{path}: empty; expected a header row with image and caption columns")
     image_key = _pick_column(reader.fieldnames, IMAGE_COLUMNS, "image", path)
     caption_key = _pick_column(reader.fieldnames, CAPTION_COLUMNS, "caption", path)
-    for number, row in enumerate(reader, 2):
-        rows.append((number, row.get(image_key) or "", [row.get(caption_key) or ""]))
+    for row in reader:
+        rows.append((f"line {reader.line_num}", row.get(image_key) or "",
+                     [row.get(caption_key) or ""]))
     return rows
 
 
@@ -687,7 +705,9 @@ def load_retrieval(path: os.PathLike | str, name: str | None = None) -> Retrieva
     CSV: a header row with an image column (one of :data:`IMAGE_COLUMNS`, e.g. ``filepath``)
     and a caption column (one of :data:`CAPTION_COLUMNS`, e.g. ``title`` or ``caption``);
     tab-separated if the header has a tab (open_clip's format). JSONL: one object per line,
-    ``{"image": "a.jpg", "caption": "..."}``, where the caption may be a list. An image may
+    ``{"image": "a.jpg", "caption": "..."}``, where the caption may be a list; a ``.json``
+    file holding one list of such objects (the Flickr30k/COCO Karpathy-split annotations
+    CLIP_benchmark reads) works too. An image may
     have several captions (repeated rows or a list). Relative image paths resolve against the
     file's folder.
 
@@ -702,15 +722,15 @@ def load_retrieval(path: os.PathLike | str, name: str | None = None) -> Retrieva
     image_index: dict[Path, int] = {}
     captions: list[str] = []
     caption_image: list[int] = []
-    for number, image, caps in rows:
+    for where, image, caps in rows:
         if not image.strip():
-            raise ValueError(f"{path}, line {number}: no image path")
+            raise ValueError(f"{path}, {where}: no image path")
         file = Path(image.strip()).expanduser()
         file = file if file.is_absolute() else path.parent / file
         if not file.is_file():
-            raise ValueError(f"{path}, line {number}: image file {file} does not exist")
+            raise ValueError(f"{path}, {where}: image file {file} does not exist")
         if not caps or not all(c.strip() for c in caps):
-            raise ValueError(f"{path}, line {number}: empty caption for {image}")
+            raise ValueError(f"{path}, {where}: empty caption for {image}")
         index = image_index.setdefault(file.resolve(), len(image_index))
         captions += [c.strip() for c in caps]
         caption_image += [index] * len(caps)

@@ -161,6 +161,10 @@ def test_folder_errors(tmp_path, folder):
     _write_class_folders(tmp_path / "small", folders={"a": 0, "b": 1}, per_class=1)
     message = _error("too few images", datasets.load_image_folder, tmp_path / "small")
     assert "a (1)" in message and "at least 2" in message
+    # An empty class folder is refused, not dropped (dropping it would make the task easier).
+    (folder / "c3").mkdir()
+    (folder / "labels.json").write_text(json.dumps({**FOLDERS, "c3": "three"}))
+    assert "c3 (0)" in _error("too few images", datasets.load_image_folder, folder)
 
 
 def test_labels_json_must_match_folders(folder):
@@ -255,6 +259,18 @@ def test_retrieval_jsonl_caption_lists(tmp_path):
     rs = datasets.load_retrieval(tmp_path / "pairs.jsonl")
     assert rs.captions == ["one", "uno", "zero"] and rs.caption_image.tolist() == [0, 0, 1]
     assert rs.images.paths[0].name == files[1]
+
+
+def test_retrieval_json_list_and_bom_csv(tmp_path):
+    files = _image_files(tmp_path / "flickr", 2)
+    (tmp_path / "test.json").write_text(json.dumps([
+        {"image": f"flickr/{files[0]}", "caption": ["a", "b", "c"]},
+        {"image": f"flickr/{files[1]}", "caption": ["d"]}]))
+    rs = datasets.load_retrieval(tmp_path / "test.json")
+    assert rs.captions == ["a", "b", "c", "d"] and rs.caption_image.tolist() == [0, 0, 0, 1]
+    (tmp_path / "excel.csv").write_bytes(
+        "\ufeffFilepath,Caption\n".encode("utf-8") + f"flickr/{files[1]},x\n".encode())
+    assert datasets.load_retrieval(tmp_path / "excel.csv").captions == ["x"]
 
 
 def test_retrieval_errors(tmp_path):

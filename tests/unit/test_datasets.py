@@ -191,6 +191,17 @@ def test_unreadable_image_is_named(folder):
     assert str(bad) in message
 
 
+def test_verify_finds_bad_files_before_loading(folder):
+    ds = datasets.load_image_folder(folder)
+    ds.test.images.verify()  # all good: no error
+    (folder / "c2" / "zz.webp").write_bytes(b"RIFF....WEBPjunk")
+    (folder / "c2" / "gif.png").write_bytes(b"GIF89a" + bytes(20))
+    ds = datasets.load_image_folder(folder)
+    everything = datasets.FileImageSource(ds.calibration.images.paths + ds.test.images.paths, "all")
+    message = _error("2 of 32 image files", everything.verify)
+    assert "zz.webp" in message and "gif.png" in message
+
+
 def test_unlabelled_folder_and_ood_arg(tmp_path, folder):
     source = datasets.load_unlabelled_folder(folder, "mixed")
     assert len(source) == 3 * PER_CLASS and source.name == "mixed"  # recursive
@@ -271,6 +282,26 @@ def test_retrieval_json_list_and_bom_csv(tmp_path):
     (tmp_path / "excel.csv").write_bytes(
         "\ufeffFilepath,Caption\n".encode("utf-8") + f"flickr/{files[1]},x\n".encode())
     assert datasets.load_retrieval(tmp_path / "excel.csv").captions == ["x"]
+
+
+def test_retrieval_clip_benchmark_flickr_and_coco(tmp_path):
+    files = _image_files(tmp_path / "Images", 2)
+    # CLIP_benchmark's Flickr file: commas in captions are not quoted; images in another root.
+    (tmp_path / "captions.txt").write_text(
+        f"image,caption\n{files[0]},A dog, brown, runs .\n{files[0]},A dog .\n{files[1]},Sky\n")
+    rs = datasets.load_retrieval(tmp_path / "captions.txt", image_root=tmp_path / "Images")
+    assert rs.captions == ["A dog, brown, runs .", "A dog .", "Sky"]
+    assert rs.caption_image.tolist() == [0, 0, 1]
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": f"Images/{files[1]}"},
+                   {"id": 3, "file_name": f"Images/{files[0]}"}],
+        "annotations": [{"image_id": 3, "caption": "zero"}, {"image_id": 7, "caption": "one"},
+                        {"image_id": 3, "caption": "nought"}]}))
+    rs = datasets.load_retrieval(tmp_path / "coco.json")
+    assert [p.name for p in rs.images.paths] == [files[1], files[0]]
+    assert rs.captions == ["one", "zero", "nought"] and rs.caption_image.tolist() == [0, 1, 1]
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    _error("COCO captions format", datasets.load_retrieval, tmp_path / "bad.json")
 
 
 def test_retrieval_errors(tmp_path):
@@ -412,6 +443,11 @@ def test_from_paths(tmp_path, folder):
     assert len(suite.ood["far"].images) == 1
     assert list(suite.shift) == ["sketch"] and len(suite.shift["sketch"]) == 6
     assert suite.retrieval.captions == [f"caption {f}" for f in files]
+    assert len(suite.file_sources()) == 5
+    suite.domain_measured = False
+    notes = suite.describe()
+    assert len(notes) == 4 and "NOT the measured model's domain" in notes[0]
+    assert notes[1] == "OOD far (far): 1 images" and notes[2] == "Shift sketch: 6 images"
     # Nothing given: the built-in digits with their OOD and shifted sets.
     default = datasets.EvalSuite.from_paths()
     assert default.builtin and set(default.ood) == {"letters", "noise"}

@@ -1,5 +1,6 @@
 """The offline default's data: scikit-learn's bundled 8x8 digits, plus OOD sets that need no
-download (letters drawn with PIL's built-in font; noise and textures).
+download (letters drawn with PIL's built-in font; noise and textures) and covariate-shifted
+copies of the test split (:func:`shifted`).
 
 All images come out as uint8 RGB, NHWC, at the model's input size, exactly what the image
 tower takes. Everything is deterministic given the seed.
@@ -136,8 +137,9 @@ def captions(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
 
 
 # Covariate shift: the same test digits (same labels), changed in ways a deployment sees.
-# Severities are in units of the 8x8 source, so a level means the same at every input size:
-# blur sigma and rotation are applied at model size but scaled by S/8.
+# Corruptions are applied at model size. Blur sigma is given in 8x8-source pixels and scaled
+# by S/8, so it blurs the digit alike at every size; rotation, contrast and noise levels do not
+# depend on S (noise is drawn per model pixel, so a large input averages more of it away).
 SHIFT_SEVERITIES = {
     "blur": (0.35, 0.7, 1.2),  # Gaussian sigma, in 8x8-source pixels
     "noise": (12.0, 28.0, 56.0),  # additive Gaussian noise, std in uint8 levels

@@ -35,7 +35,7 @@ from PIL import Image
 
 from clipserve.export import digits
 from clipserve.server.errors import ServingError
-from clipserve.server.images import preprocess, resize_center_crop
+from clipserve.server.images import SUPPORTED_FORMATS, preprocess, resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # the formats the gateway decodes
 LABELS_FILE = "labels.json"
@@ -56,7 +56,7 @@ DEFAULT_CALIBRATION_FRACTION = 0.3
 # Retrieval column names accepted, in order of preference (open_clip/CLIP_benchmark use
 # filepath/title).
 IMAGE_COLUMNS = ("filepath", "image", "image_path", "img", "file_name", "path")
-CAPTION_COLUMNS = ("title", "caption", "captions", "text", "sentence")
+CAPTION_COLUMNS = ("title", "caption", "captions", "text", "sentence", "query")
 OOD_KINDS = ("near", "far", "unspecified")
 # Pillow refuses past twice its own bomb limit anyway; this bounds the resized image too.
 _MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
@@ -120,6 +120,9 @@ class ImageSource(ABC):
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if int(image_size) != image_size or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        image_size = int(image_size)
         total = len(self)
         for start in range(0, total, batch_size):
             idx = np.arange(start, min(start + batch_size, total))
@@ -169,6 +172,28 @@ class FileImageSource(ImageSource):
 
     def subset(self, indices: Sequence[int]) -> "FileImageSource":
         return FileImageSource([self.paths[int(i)] for i in indices], self.name, self.workers)
+
+    def verify(self, progress: Progress | None = None) -> None:
+        """Check every file's header without decoding its pixels, so a bad file is found before a long calibration rather than in the middle of it. A file
+        whose data is cut off after the header is still only found when it is loaded.
+
+        Raises:
+            ValueError: naming up to 10 files that are missing, not JPEG/PNG/WebP, or
+                unreadable, and how many there are.
+        """
+        bad = []
+        for i, path in enumerate(self.paths, 1):
+            try:
+                with Image.open(path, formats=SUPPORTED_FORMATS) as img:
+                    img.verify()  # header/structure only (PNG checks chunk CRCs)
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+                bad.append(f"{path} ({type(exc).__name__}: {exc})")
+            if progress is not None and (i % 256 == 0 or i == len(self.paths)):
+                progress(i, len(self.paths))
+        if bad:
+            raise ValueError(f"{self.name}: {len(bad)} of {len(self.paths)} image files cannot "
+                             f"be read (fix or remove them): {'; '.join(bad[:10])}"
+                             + (" ..." if len(bad) > 10 else ""))
 
     def _load(self, image_size: int, indices: np.ndarray) -> np.ndarray:
         paths = [self.paths[int(i)] for i in indices]
@@ -309,6 +334,9 @@ class LabelledSet:
     source: str
     folder_names: tuple[str, ...] | None = None
 
+    def __len__(self) -> int:
+        return len(self.calibration) + len(self.test)
+
     def prompts(self) -> list[str]:
         """Every template for every class, class-major: ``prompts()[c * len(templates) + t]``
         (the order ``evaluate.class_embeddings`` averages over)."""
@@ -380,7 +408,7 @@ def _label_texts(root: Path, folders: list[str]) -> tuple[list[str], str]:
     if not path.exists():
         return list(folders), "folder names"
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); expected an object mapping each "
                          "class folder name to its label text") from None
@@ -395,7 +423,7 @@ def _label_texts(root: Path, folders: list[str]) -> tuple[list[str], str]:
         if missing:
             parts.append(f"no label for folder(s) {missing}")
         if extra:
-            parts.append(f"label(s) for folder(s) that do not exist or hold no images {extra}")
+            parts.append(f"label(s) for folder(s) that do not exist {extra}")
         raise ValueError(f"{path}: {'; '.join(parts)}; it must name every class folder exactly")
     texts = [mapping[f].strip() for f in folders]
     duplicated = sorted({t for t in texts if texts.count(t) > 1})
@@ -409,7 +437,8 @@ def _templates(root: Path) -> tuple[tuple[str, ...], str]:
     path = root / TEMPLATES_FILE
     if not path.exists():
         return DEFAULT_TEMPLATES, "the default 7 CLIP ImageNet templates"
-    return parse_templates(path.read_text(encoding="utf-8").splitlines(), str(path)), TEMPLATES_FILE
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    return parse_templates(lines, str(path)), TEMPLATES_FILE
 
 
 def parse_templates(lines: Sequence[str], where: str = "templates") -> tuple[str, ...]:
@@ -485,10 +514,13 @@ def load_image_folder(path: os.PathLike | str, *, name: str | None = None,
                          f"per class), got {max_per_class}")
     root = _require_dir(path, "evaluation data folder")
     name = name or root.name
-    classes = {f: files for f, files in _class_folders(root).items() if files}
-    if len(classes) < 2:
+    # Empty class folders are kept (and refused below): dropping a class silently would
+    # make zero-shot easier than the user's real task.
+    classes = _class_folders(root)
+    with_images = sum(1 for files in classes.values() if files)
+    if with_images < 2:
         raise ValueError(
-            f"evaluation data folder {root} has {len(classes)} class folder(s) with images; "
+            f"evaluation data folder {root} has {with_images} class folder(s) with images; "
             "zero-shot classification needs at least 2: put each class's images "
             f"({', '.join(IMAGE_EXTENSIONS)}) in its own sub-folder, e.g. {root}/cat/1.jpg")
     folders = list(classes)
@@ -643,29 +675,44 @@ def _pick_column(columns: Sequence[str], wanted: Sequence[str], what: str, path:
                      f"{list(wanted)}")
 
 
-def _read_retrieval_rows(path: Path) -> list[tuple[int, str, list[str]]]:
-    """(line number, image path as written, captions) per row."""
-    text = path.read_text(encoding="utf-8")
+def _read_retrieval_rows(path: Path) -> list[tuple[str, str, list[str]]]:
+    """("line N" or "item N", image path as written, captions) per row."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read retrieval data file {path}: {exc}") from None
     rows = []
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        if text.lstrip().startswith("{") and path.suffix.lower() == ".json":
+            return _coco_rows(path, text)
+        if text.lstrip().startswith("["):
+            # One JSON list of objects: the BLIP/CLIP_benchmark Flickr30k and COCO annotations.
             try:
-                item = json.loads(line)
+                items = [(f"item {i}", x) for i, x in enumerate(json.loads(text), 1)]
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not JSON ({exc}); expected one object "
-                                 'per line like {"image": "a.jpg", "caption": "a dog"}') from None
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        else:
+            items = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(
+                        f"{path}, line {number}: not JSON ({exc}); expected one object per "
+                        'line like {"image": "a.jpg", "caption": "a dog"}') from None
+        for where, item in items:
             if not isinstance(item, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
+                raise ValueError(f"{path}, {where}: expected a JSON object")
             image_key = _pick_column(list(item), IMAGE_COLUMNS, "image", path)
             caption_key = _pick_column(list(item), CAPTION_COLUMNS, "caption", path)
             caps = item[caption_key]
             caps = [caps] if isinstance(caps, str) else caps
             if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{path}, line {number}: {caption_key!r} must be a string or a "
-                                 "list of strings")
-            rows.append((number, str(item[image_key]), caps))
+                raise ValueError(f"{path}, {where}: {caption_key!r} must be a string or a list "
+                                 "of strings")
+            rows.append((where, str(item[image_key]), caps))
         return rows
     lines = text.splitlines()
     header = lines[0] if lines else ""
@@ -676,20 +723,60 @@ def _read_retrieval_rows(path: Path) -> list[tuple[int, str, list[str]]]:
         raise ValueError(f"{path}: empty; expected a header row with image and caption columns")
     image_key = _pick_column(reader.fieldnames, IMAGE_COLUMNS, "image", path)
     caption_key = _pick_column(reader.fieldnames, CAPTION_COLUMNS, "caption", path)
-    for number, row in enumerate(reader, 2):
-        rows.append((number, row.get(image_key) or "", [row.get(caption_key) or ""]))
+    caption_last = reader.fieldnames[-1] == caption_key
+    for row in reader:
+        caption = row.get(caption_key) or ""
+        extra = row.get(None)
+        if extra and caption_last:
+            # CLIP_benchmark's Flickr files ("image,caption") leave commas in captions
+            # unquoted: the overflow belongs to the caption.
+            caption = delimiter.join([caption, *extra])
+        elif extra:
+            raise ValueError(f"{path}, line {reader.line_num}: more fields than the header has; "
+                             "quote fields that contain the delimiter")
+        rows.append((f"line {reader.line_num}", row.get(image_key) or "", [caption]))
     return rows
 
 
-def load_retrieval(path: os.PathLike | str, name: str | None = None) -> RetrievalSet:
-    """An image-caption retrieval set from a CSV/TSV or JSONL file.
+def _coco_rows(path: Path, text: str) -> list[tuple[str, str, list[str]]]:
+    """COCO captions format: {"images": [{"id", "file_name"}], "annotations":
+    [{"image_id", "caption"}]} (what torchvision's CocoCaptions, and so CLIP_benchmark's
+    mscoco_captions, reads)."""
+    try:
+        data = json.loads(text)
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        captions: dict[object, list[str]] = {i: [] for i in files}
+        for number, ann in enumerate(data["annotations"], 1):
+            if ann["image_id"] not in captions:
+                raise ValueError(f"{path}, annotation {number}: image_id {ann['image_id']!r} is "
+                                 "not in images")
+            captions[ann["image_id"]].append(str(ann["caption"]))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: a JSON object must be in COCO captions format "
+                         '({"images": [{"id", "file_name"}], "annotations": [{"image_id", '
+                         f'"caption"}}]}}); missing {exc}') from None
+    return [(f"image id {i}", files[i], caps) for i, caps in captions.items() if caps]
+
+
+def load_retrieval(path: os.PathLike | str, name: str | None = None,
+                   image_root: os.PathLike | str | None = None) -> RetrievalSet:
+    """An image-caption retrieval set from a CSV/TSV, JSONL or JSON file.
 
     CSV: a header row with an image column (one of :data:`IMAGE_COLUMNS`, e.g. ``filepath``)
     and a caption column (one of :data:`CAPTION_COLUMNS`, e.g. ``title`` or ``caption``);
-    tab-separated if the header has a tab (open_clip's format). JSONL: one object per line,
-    ``{"image": "a.jpg", "caption": "..."}``, where the caption may be a list. An image may
-    have several captions (repeated rows or a list). Relative image paths resolve against the
-    file's folder.
+    tab-separated if the header has a tab (open_clip's format). Unquoted commas in a last
+    caption column stay in the caption (CLIP_benchmark's Flickr files). JSONL: one object per
+    line, ``{"image": "a.jpg", "caption": "..."}``, where the caption may be a list. JSON: one
+    list of such objects (the Flickr30k/COCO Karpathy-split annotations), or COCO captions
+    format (``images`` + ``annotations``). An image may have several captions (repeated rows
+    or a list); images are de-duplicated by resolved path.
+
+    Args:
+        path: the file.
+        name: the set's name (default: the file's stem).
+        image_root: where relative image paths start (default: the file's folder).
 
     Raises:
         ValueError: the file is missing or malformed, an image column or caption column is
@@ -698,19 +785,20 @@ def load_retrieval(path: os.PathLike | str, name: str | None = None) -> Retrieva
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"retrieval data file {path} does not exist")
+    root = path.parent if image_root is None else Path(image_root).expanduser()
     rows = _read_retrieval_rows(path)
     image_index: dict[Path, int] = {}
     captions: list[str] = []
     caption_image: list[int] = []
-    for number, image, caps in rows:
+    for where, image, caps in rows:
         if not image.strip():
-            raise ValueError(f"{path}, line {number}: no image path")
+            raise ValueError(f"{path}, {where}: no image path")
         file = Path(image.strip()).expanduser()
-        file = file if file.is_absolute() else path.parent / file
+        file = file if file.is_absolute() else root / file
         if not file.is_file():
-            raise ValueError(f"{path}, line {number}: image file {file} does not exist")
+            raise ValueError(f"{path}, {where}: image file {file} does not exist")
         if not caps or not all(c.strip() for c in caps):
-            raise ValueError(f"{path}, line {number}: empty caption for {image}")
+            raise ValueError(f"{path}, {where}: empty caption for {image}")
         index = image_index.setdefault(file.resolve(), len(image_index))
         captions += [c.strip() for c in caps]
         caption_image += [index] * len(caps)
@@ -807,12 +895,14 @@ def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.n
 DIGITS_DATA_SEED = 0
 
 
-@lru_cache(maxsize=2)
+# One size at a time: a model's evaluation asks for one size, and at 224 px the digits
+# (train split included) take about 360 MB, the shifted sets about 525 MB.
+@lru_cache(maxsize=1)
 def _digits_at(image_size: int) -> digits.DigitsData:
     return digits.load(image_size, seed=DIGITS_DATA_SEED)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
 def _digits_shifted_at(image_size: int) -> dict[str, digits.Split]:
     return digits.shifted("test", image_size, seed=DIGITS_DATA_SEED)
 
@@ -880,6 +970,29 @@ class EvalSuite:
         if retrieval_data is not None:
             suite.retrieval = load_retrieval(retrieval_data)
         return suite
+
+    def describe(self) -> list[str]:
+        """One line per data set, for the report's notes and the log."""
+        lines = [f"Labelled ({self.labelled.name}): {self.labelled.source}; "
+                 f"{len(self.labelled.class_names)} classes, {len(self.labelled.templates)} "
+                 "prompt templates; calibration split fitted on, test split reported"
+                 + ("" if self.domain_measured else
+                    "; NOT the measured model's domain: its numbers say little about the "
+                    "model's real quality")]
+        lines += [f"OOD {name} ({ood.kind}): {len(ood.images)} images" for name, ood in
+                  self.ood.items()]
+        lines += [f"Shift {name}: {len(split)} images" for name, split in self.shift.items()]
+        if self.retrieval is not None:
+            lines.append(f"Retrieval ({self.retrieval.name}): {self.retrieval.source}")
+        return lines
+
+    def file_sources(self) -> list[FileImageSource]:
+        """Every file-backed source in the suite (for :meth:`FileImageSource.verify`)."""
+        sources = [self.labelled.calibration.images, self.labelled.test.images,
+                   *(o.images for o in self.ood.values()), *(s.images for s in self.shift.values())]
+        if self.retrieval is not None:
+            sources.append(self.retrieval.images)
+        return [s for s in sources if isinstance(s, FileImageSource)]
 
 
 def builtin_digits_suite() -> EvalSuite:

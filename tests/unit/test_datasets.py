@@ -161,6 +161,10 @@ def test_folder_errors(tmp_path, folder):
     _write_class_folders(tmp_path / "small", folders={"a": 0, "b": 1}, per_class=1)
     message = _error("too few images", datasets.load_image_folder, tmp_path / "small")
     assert "a (1)" in message and "at least 2" in message
+    # An empty class folder is refused, not dropped (dropping it would make the task easier).
+    (folder / "c3").mkdir()
+    (folder / "labels.json").write_text(json.dumps({**FOLDERS, "c3": "three"}))
+    assert "c3 (0)" in _error("too few images", datasets.load_image_folder, folder)
 
 
 def test_labels_json_must_match_folders(folder):
@@ -185,6 +189,17 @@ def test_unreadable_image_is_named(folder):
     split = ds.test if bad in ds.test.images.paths else ds.calibration
     message = _error("broken.jpg", split.images.load, 16)
     assert str(bad) in message
+
+
+def test_verify_finds_bad_files_before_loading(folder):
+    ds = datasets.load_image_folder(folder)
+    ds.test.images.verify()  # all good: no error
+    (folder / "c2" / "zz.webp").write_bytes(b"RIFF....WEBPjunk")
+    (folder / "c2" / "gif.png").write_bytes(b"GIF89a" + bytes(20))
+    ds = datasets.load_image_folder(folder)
+    everything = datasets.FileImageSource(ds.calibration.images.paths + ds.test.images.paths, "all")
+    message = _error("2 of 32 image files", everything.verify)
+    assert "zz.webp" in message and "gif.png" in message
 
 
 def test_unlabelled_folder_and_ood_arg(tmp_path, folder):
@@ -255,6 +270,38 @@ def test_retrieval_jsonl_caption_lists(tmp_path):
     rs = datasets.load_retrieval(tmp_path / "pairs.jsonl")
     assert rs.captions == ["one", "uno", "zero"] and rs.caption_image.tolist() == [0, 0, 1]
     assert rs.images.paths[0].name == files[1]
+
+
+def test_retrieval_json_list_and_bom_csv(tmp_path):
+    files = _image_files(tmp_path / "flickr", 2)
+    (tmp_path / "test.json").write_text(json.dumps([
+        {"image": f"flickr/{files[0]}", "caption": ["a", "b", "c"]},
+        {"image": f"flickr/{files[1]}", "caption": ["d"]}]))
+    rs = datasets.load_retrieval(tmp_path / "test.json")
+    assert rs.captions == ["a", "b", "c", "d"] and rs.caption_image.tolist() == [0, 0, 0, 1]
+    (tmp_path / "excel.csv").write_bytes(
+        "\ufeffFilepath,Caption\n".encode("utf-8") + f"flickr/{files[1]},x\n".encode())
+    assert datasets.load_retrieval(tmp_path / "excel.csv").captions == ["x"]
+
+
+def test_retrieval_clip_benchmark_flickr_and_coco(tmp_path):
+    files = _image_files(tmp_path / "Images", 2)
+    # CLIP_benchmark's Flickr file: commas in captions are not quoted; images in another root.
+    (tmp_path / "captions.txt").write_text(
+        f"image,caption\n{files[0]},A dog, brown, runs .\n{files[0]},A dog .\n{files[1]},Sky\n")
+    rs = datasets.load_retrieval(tmp_path / "captions.txt", image_root=tmp_path / "Images")
+    assert rs.captions == ["A dog, brown, runs .", "A dog .", "Sky"]
+    assert rs.caption_image.tolist() == [0, 0, 1]
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": f"Images/{files[1]}"},
+                   {"id": 3, "file_name": f"Images/{files[0]}"}],
+        "annotations": [{"image_id": 3, "caption": "zero"}, {"image_id": 7, "caption": "one"},
+                        {"image_id": 3, "caption": "nought"}]}))
+    rs = datasets.load_retrieval(tmp_path / "coco.json")
+    assert [p.name for p in rs.images.paths] == [files[1], files[0]]
+    assert rs.captions == ["one", "zero", "nought"] and rs.caption_image.tolist() == [0, 1, 1]
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    _error("COCO captions format", datasets.load_retrieval, tmp_path / "bad.json")
 
 
 def test_retrieval_errors(tmp_path):
@@ -396,6 +443,11 @@ def test_from_paths(tmp_path, folder):
     assert len(suite.ood["far"].images) == 1
     assert list(suite.shift) == ["sketch"] and len(suite.shift["sketch"]) == 6
     assert suite.retrieval.captions == [f"caption {f}" for f in files]
+    assert len(suite.file_sources()) == 5
+    suite.domain_measured = False
+    notes = suite.describe()
+    assert len(notes) == 4 and "NOT the measured model's domain" in notes[0]
+    assert notes[1] == "OOD far (far): 1 images" and notes[2] == "Shift sketch: 6 images"
     # Nothing given: the built-in digits with their OOD and shifted sets.
     default = datasets.EvalSuite.from_paths()
     assert default.builtin and set(default.ood) == {"letters", "noise"}

@@ -124,11 +124,20 @@ def test_bootstrap_rejects_bad_input():
                                (a, is_ood), (a, is_ood), n_resamples=200)
 
 
-def test_simple_statistics_are_fast_enough_to_use():
-    # Not a timing test: just that 2000 resamples of n=2000 means run (vectorised path).
+def test_large_bootstraps_are_chunked_and_use_every_resample():
+    # n=2000 x 2000 resamples is generated in index chunks (bounded memory); every resample
+    # must still reach the statistic, once per side, beyond the two full-sample calls.
     rng = np.random.default_rng(6)
-    d = stats.mean_delta(rng.uniform(size=2000), rng.uniform(size=2000), n_resamples=2000)
-    assert d.n_resamples == 2000 and d.lo < d.hi
+    batches = []
+
+    def mean(x):
+        batches.append(x.shape[0])
+        return x.mean(axis=-1)
+
+    d = stats.paired_bootstrap(mean, (rng.uniform(size=2000),), (rng.uniform(size=2000),),
+                               n_resamples=2000, vectorized=True)
+    assert len(batches) > 4 and sum(batches) == 2 * 2000 + 2
+    assert d.n_resamples == 2000 and d.lo < d.delta < d.hi
 
 
 def test_mcnemar_exact_on_a_known_table():

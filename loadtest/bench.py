@@ -48,6 +48,7 @@ from clipserve.endpoints import Precision, Tower, endpoint_name
 from . import bench_report, roofline, runner
 from . import workload as wl
 from .peer import stop_process_group
+from .soak import carry_section
 
 HOST = "127.0.0.1"
 PEER_DTYPES = {"float32": Precision.FP32, "int8": Precision.INT8}
@@ -156,10 +157,13 @@ def free_port() -> int:
 class GatewayProcess:
     """``clipserve serve`` as a child process in front of an already running Triton."""
 
-    def __init__(self, repository: Path, triton_url: str, scale: str, log_path: Path):
+    def __init__(self, repository: Path, triton_url: str, scale: str, log_path: Path,
+                 extra_args: tuple[str, ...] = ()):
         self.repository, self.triton_url, self.scale = repository, triton_url, scale
         self.log_path = log_path
         self.port = free_port()
+        self.metrics_port = free_port()
+        self.extra_args = tuple(extra_args)  # more `clipserve serve` flags (the soak's files)
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -178,8 +182,8 @@ class GatewayProcess:
 
         cmd = [sys.executable, "-m", "clipserve.cli", "serve", "--repository",
                str(self.repository), "--triton-url", self.triton_url, "--host", HOST,
-               "--port", str(self.port), "--metrics-port", str(free_port()),
-               "--default-scale", self.scale, "--log-level", "WARNING"]
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--default-scale", self.scale, "--log-level", "WARNING", *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "a")
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
@@ -616,7 +620,9 @@ def run(config: BenchConfig) -> dict:
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     plots = bench_report.plot_all(results, out)
     markdown = bench_report.markdown(results, plots, Path(config.markdown).resolve().parent)
-    Path(config.markdown).write_text(markdown)
+    # The soak's RELIABILITY section comes from another command: keep it.
+    old = Path(config.markdown).read_text() if Path(config.markdown).exists() else ""
+    Path(config.markdown).write_text(carry_section(old, markdown))
     log(f"wrote {out / 'bench.json'}, {', '.join(str(p) for p in plots)} and {config.markdown}")
     return results
 

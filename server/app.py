@@ -221,10 +221,11 @@ class Gateway:
             return TritonBackend(self.config.triton_url)
         from .triton_process import TritonProcess
 
-        # Triton's own /metrics on the gateway's host (reachable where the gateway's is).
+        # Triton's own /metrics on triton_metrics_address (loopback unless configured); its
+        # gRPC/HTTP stay on loopback so inference cannot bypass the gateway's keys.
         self._triton = TritonProcess(Path(self.config.repository),
                                      metrics_port=self.config.triton_metrics_port,
-                                     extra_args=(f"--metrics-address={self.config.host}",))
+                                     metrics_address=self.config.triton_metrics_address)
         log.info("starting tritonserver on %s", self.config.repository)
         # start() blocks until every model is ready (or raises with Triton's log excerpt).
         await asyncio.to_thread(self._triton.start, self.config.triton_start_timeout_s)

@@ -7,6 +7,7 @@ here, because they change without a restart.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,13 @@ class ServerConfig:
         "how often Triton readiness is polled into gRPC health"))
     shutdown_grace_s: float = field(default=10.0, metadata=_help(
         "on SIGTERM/SIGINT, how long in-flight calls may take to finish"))
+    triton_metrics_address: str = field(default="127.0.0.1", metadata=_help(
+        "address the tritonserver child's Prometheus port binds to; 0.0.0.0 to be scraped at "
+        "the pod IP (its gRPC and HTTP ports stay on 127.0.0.1 behind the gateway). Not used "
+        "with triton_url"))
     triton_metrics_port: int = field(default=0, metadata=_help(
-        "Prometheus port of the tritonserver child (Triton's own metrics, bound on host); 0: any "
+        "Prometheus port of the tritonserver child (Triton's own metrics, bound on "
+        "triton_metrics_address); 0: any "
         "free port, logged at start. Not used with triton_url: scrape that Triton directly"))
     ood_labels: tuple[str, ...] = field(default=(), metadata=_help(
         "the deployment's in-distribution labels, comma-separated: every image served is scored "
@@ -179,6 +185,11 @@ class ServerConfig:
 
     def _live_quality_problems(self) -> list[str]:
         problems = []
+        try:
+            ipaddress.ip_address(self.triton_metrics_address)
+        except ValueError:
+            problems.append(f"triton_metrics_address must be an IP address (e.g. 127.0.0.1 or "
+                            f"0.0.0.0), got {self.triton_metrics_address!r}")
         if not 0 <= self.triton_metrics_port <= 65535:
             problems.append(f"triton_metrics_port must be 0..65535, got {self.triton_metrics_port}")
         if self.ood_labels and (len(self.ood_labels) < 2

@@ -230,6 +230,7 @@ class TritonProcess:
         grpc_port: int = 0,
         http_port: int = 0,
         metrics_port: int = 0,
+        metrics_address: str = HOST,
         log_path: Path | None = None,
         extra_args: Sequence[str] = (),
     ):
@@ -237,13 +238,17 @@ class TritonProcess:
 
         Args:
             repository: Triton model repository (``<model>/config.pbtxt``, ``<model>/1/...``).
-            grpc_port, http_port, metrics_port: ports on 127.0.0.1; 0 picks a free one.
+            grpc_port, http_port, metrics_port: ports; 0 picks a free one.
+            metrics_address: address Triton's Prometheus endpoint binds to: 127.0.0.1 by
+                default, ``0.0.0.0`` to be scraped at the pod IP. gRPC and HTTP always stay
+                on 127.0.0.1, so inference cannot bypass the gateway (and its API keys).
             log_path: file for Triton's output (appended to); default a file in the temp dir,
                 deleted by ``stop()``.
             extra_args: more ``tritonserver`` flags, appended last so they can override ours.
         """
         self.repository = Path(repository).resolve()
         self._requested_ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.metrics_address = metrics_address
         self._ports: dict[str, int] = {}
         self._user_log_path = Path(log_path).resolve() if log_path is not None else None
         self.log_path: Path | None = self._user_log_path
@@ -273,8 +278,12 @@ class TritonProcess:
 
     @property
     def metrics_url(self) -> str:
-        """Full Prometheus scrape URL: ``http://127.0.0.1:PORT/metrics``."""
-        return f"http://{HOST}:{self._port('metrics')}/metrics"
+        """Full Prometheus scrape URL: ``http://ADDRESS:PORT/metrics`` (127.0.0.1 when the
+        metrics bind to every interface)."""
+        host = HOST if self.metrics_address in ("0.0.0.0", "::", "") else self.metrics_address
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._port('metrics')}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -396,7 +405,7 @@ class TritonProcess:
             f"--grpc-port={self._ports['grpc']}",
             f"--http-address={HOST}",
             f"--http-port={self._ports['http']}",
-            f"--metrics-address={HOST}",
+            f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self._ports['metrics']}",
             # Ready means every model is ready, and a model that fails to load ends the
             # process, so start() fails in seconds instead of waiting out its timeout.

@@ -180,6 +180,40 @@ def test_serves_numpy_and_onnxruntime_models_then_stops_cleanly(tmp_path: Path) 
     assert "Signal (15) received" in log_path.read_text()  # it was a graceful stop
 
 
+def _external_ipv4() -> str | None:
+    """A non-loopback IPv4 address of this host (no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            address = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def test_metrics_address_opens_the_metrics_port_only(double_repo: Path) -> None:
+    address = _external_ipv4()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to test binding with")
+    with TritonProcess(double_repo) as loopback:
+        port = int(loopback.metrics_url.rsplit(":", 1)[1].split("/")[0])
+        assert not _accepts(address, port)  # default: loopback only
+    with TritonProcess(double_repo, metrics_address="0.0.0.0") as triton:
+        port = int(triton.metrics_url.rsplit(":", 1)[1].split("/")[0])
+        assert triton.metrics_url.startswith("http://127.0.0.1:")
+        text = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10).read()
+        assert b"nv_inference_request_success" in text
+        for url in (triton.grpc_url, triton.http_url):
+            assert not _accepts(address, int(url.rsplit(":", 1)[1])), url
+            assert _accepts("127.0.0.1", int(url.rsplit(":", 1)[1])), url
+
+
 def test_kill_makes_server_unreachable_at_once(double_repo: Path) -> None:
     with TritonProcess(double_repo) as triton:
         client = grpcclient.InferenceServerClient(triton.grpc_url)

@@ -202,6 +202,20 @@ def test_ports_line_up(overlay):
         assert container[probe]["tcpSocket"]["port"] == "grpc-health"
 
 
+def test_cpu_overlay_child_triton_metrics_are_scrapable_at_the_pod_ip():
+    """The PodMonitor scrapes port triton-metrics at the pod IP: in the cpu overlay the gateway
+    starts Triton itself, so the child's metrics must bind every interface (its gRPC/HTTP stay
+    on loopback: TritonProcess has no setting for them)."""
+    docs = rendered("cpu")
+    config = from_args(ServerConfig, argparse.Namespace(), environ=env_of(gateway_container(docs)))
+    assert config.triton_url == ""  # the child
+    assert config.triton_metrics_address == "0.0.0.0"
+    ports = container_ports(gateway(docs)["spec"]["template"]["spec"])
+    assert config.triton_metrics_port == ports["triton-metrics"]
+    monitor = yaml.safe_load((K8S / "monitoring" / "pod-monitor.yaml").read_text())
+    assert "triton-metrics" in {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gateway_env_names_real_config_fields_and_files_it_mounts(overlay):
     docs = rendered(overlay)

@@ -23,6 +23,7 @@ def test_defaults_are_valid():
     config = ServerConfig()
     assert config.repository == Path("model_repository")
     assert config.triton_url == "" and config.routing_file is None
+    assert config.triton_metrics_address == "127.0.0.1"  # the child's metrics: loopback
     assert config.effective_decode_workers >= 1
     assert config.effective_decode_queue == 8 * config.effective_decode_workers
 
@@ -61,6 +62,7 @@ def test_every_field_has_help():
     ({"triton_url": "http://triton:8001"}, "triton_url must be host:port"),
     ({"triton_url": "triton"}, "triton_url must be host:port"),
     ({"log_level": "loud"}, "log_level must be"),
+    ({"triton_metrics_address": "pod-ip"}, "triton_metrics_address must be an IP address"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(changes, fragment):
     with pytest.raises(ValueError, match="invalid server config") as info:

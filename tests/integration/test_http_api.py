@@ -396,3 +396,50 @@ def test_http_calls_are_counted_with_their_protocol(hw):
     before = registry.get_sample_value("clipserve_requests_total", refused) or 0
     httpx.post(hw.http + "/v1/embeddings", content=b"[", timeout=CALL_TIMEOUT_S)
     assert registry.get_sample_value("clipserve_requests_total", refused) == before + 1
+
+
+# -- clipserve.client against the same gateway -------------------------------------------------
+
+def test_client_embeds_decodes_int8_and_retries_only_unavailable(hw, fitted_repository):
+    from clipserve.client import Client
+
+    with Client(hw.address, retries=2, backoff_s=0.01) as client:
+        floats = client.embed_texts(["seven", "three"], precision="fp32")
+        assert floats.endpoint == "digits-s_fp32_text" and floats.vectors.shape[0] == 2
+        codes = client.embed_texts(["seven", "three"], precision="fp32", output_format="int8")
+        car = Sidecar.read(fitted_repository / "digits-s_fp32_text")
+        expected = formats.decode(formats.encode(floats.vectors, "int8", car.output_formats),
+                                  "int8", car.embed_dim, car.output_formats)
+        np.testing.assert_allclose(codes.vectors, expected, atol=1e-6)
+        images = client.embed_images([png(0), np.zeros((20, 20, 3), np.uint8)], scale="digits-s",
+                                     precision="int8")
+        assert images.endpoint == "digits-s_int8_image" and images.request_id
+
+        def count(code):
+            return hw.gateway.registry.get_sample_value("clipserve_requests_total", {
+                "method": "EmbedTexts", "scale": "none", "precision": "none", "code": code,
+                "protocol": "grpc"}) or 0
+        before = count("INVALID_ARGUMENT")
+        with pytest.raises(grpc.RpcError) as info:
+            client.embed_texts(["x"], precision="fp8")
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert count("INVALID_ARGUMENT") == before + 1  # asked once, not retried
+
+
+def test_client_retries_unavailable_against_a_gateway_without_triton(fitted_repository):
+    from clipserve.client import Client
+
+    down = GatewayThread(config_for(fitted_repository, "127.0.0.1:1"))
+    try:
+        def unavailable():
+            return sum(s.value for m in down.gateway.registry.collect()
+                       if m.name == "clipserve_requests"
+                       for s in m.samples if s.name == "clipserve_requests_total"
+                       and s.labels["code"] == "UNAVAILABLE")
+        with Client(down.address, retries=3, backoff_s=0.01) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.embed_texts(["x"], timeout_s=10)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert unavailable() == 4  # the first try and three retries
+    finally:
+        down.close()

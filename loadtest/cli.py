@@ -71,11 +71,12 @@ async def run_once(config: LoadtestConfig, target, workload, load: float | None 
 async def _main(config: LoadtestConfig) -> int:
     from . import report
     from .runner import SweepResult, parse_sweep
-    from .targets import GatewayTarget
+    from .targets import GatewayTarget, HttpGatewayTarget
 
     workload = build_workload(config)
-    target = GatewayTarget(config.target, config.timeout, config.api_key, config.tls,
-                           config.tls_ca_file)
+    make = HttpGatewayTarget if config.protocol == "http" else GatewayTarget
+    target = make(config.target, config.timeout, config.api_key, config.tls,
+                  config.tls_ca_file)
     settings = dataclasses.asdict(config)
     settings["api_key"] = "***" if config.api_key else ""
     try:

@@ -24,6 +24,9 @@ class LoadtestConfig:
 
     target: str = field(default="127.0.0.1:50051", metadata=_help(
         "HOST:PORT of the clipserve gateway; the only address traffic is sent to"))
+    protocol: str = field(default="grpc", metadata=_help(
+        "front end to drive: grpc (clipserve.v1) or http (the OpenAI-compatible API; --target is "
+        "then the gateway's --http-port)"))
     concurrency: int = field(default=8, metadata=_help(
         "closed loop: callers each sending their next call when the last returns"))
     rate: float = field(default=0.0, metadata=_help(
@@ -97,6 +100,8 @@ class LoadtestConfig:
                 Precision.parse(self.precision)
             except ValueError as exc:
                 problems.append(str(exc))
+        check(self.protocol in ("grpc", "http"),
+              f"protocol must be grpc or http, got {self.protocol!r}")
         check(self.concurrency >= 1, f"concurrency must be at least 1, got {self.concurrency}")
         check(self.rate >= 0, f"rate must be 0 (closed loop) or positive, got {self.rate}")
         check(self.arrival in ARRIVALS, f"arrival must be one of {', '.join(ARRIVALS)}, got "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Protocol
 
 import grpc
@@ -117,6 +118,73 @@ async def _endpoint_of(rpc) -> str:
         if key == ENDPOINT_HEADER:
             return value
     return ""
+
+
+class HttpGatewayTarget:
+    """The clipserve gateway's OpenAI-compatible HTTP API (``--http-port``): the same calls as
+    :class:`GatewayTarget`, as ``POST /v1/embeddings`` (images as data URIs) and
+    ``/v1/classify``, with the call's routing metadata as headers. Needs ``aiohttp`` (the
+    ``loadtest`` extra). Statuses are reported as the gRPC code names the error bodies carry,
+    so the two front ends' tables compare.
+
+    Args: as :class:`GatewayTarget`.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0, api_key: str = "",
+                 tls: bool = False, ca_file: str = ""):
+        self.address = check_address(address)
+        self.timeout_s = timeout_s
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._scheme = "https" if tls or ca_file else "http"
+        self._ca_file = ca_file
+        self._session = None
+        self._uris: dict[bytes, str] = {}
+
+    def _uri(self, data: bytes) -> str:
+        if data not in self._uris:
+            self._uris[data] = "data:image/png;base64," + base64.b64encode(data).decode()
+        return self._uris[data]
+
+    async def send(self, call: Call) -> tuple[str, str]:
+        import aiohttp
+
+        if self._session is None:
+            ssl_context = None
+            if self._scheme == "https":
+                import ssl
+
+                ssl_context = ssl.create_default_context(cafile=self._ca_file or None)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context))
+        if call.kind == "classify":
+            path, body = "/v1/classify", {"input": [self._uri(d) for d in call.images]}
+        else:
+            path = "/v1/embeddings"
+            body = {"input": list(call.texts) if call.kind == "text"
+                    else [self._uri(d) for d in call.images], "encoding_format": "base64"}
+        headers = {**self._headers, **dict(call.metadata),
+                   "x-clip-timeout": str(self.timeout_s)}
+        try:
+            async with self._session.post(f"{self._scheme}://{self.address}{path}", json=body,
+                                          headers=headers) as response:
+                payload = await response.read()
+                endpoint = response.headers.get(ENDPOINT_HEADER, "")
+                if response.status != 200:
+                    try:
+                        return endpoint, json.loads(payload)["error"]["code"].upper()
+                    except (ValueError, KeyError, TypeError):
+                        return endpoint, f"HTTP_{response.status}"
+        except asyncio.TimeoutError:
+            return "", "DEADLINE_EXCEEDED"
+        except aiohttp.ClientError:
+            return "", "UNAVAILABLE"
+        return endpoint, OK
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class TritonTarget:

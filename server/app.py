@@ -40,21 +40,40 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
 
+def scale_size(catalog: Catalog, scale: str) -> tuple[int, int, int]:
+    """How large ``scale`` is, for picking a default: (embedding dimension, image size, bytes of
+    its most precise image tower's model file, a stand-in for the parameter count; 0 when the
+    repository holds only sidecars, as a gateway in front of a remote Triton may)."""
+    specs = [s for s in catalog if s.scale == scale]
+    images = sorted((s for s in specs if s.tower is Tower.IMAGE),
+                    key=lambda s: list(Precision).index(s.precision))
+    model_bytes = 0
+    if images:
+        model_bytes = sum(f.stat().st_size for f in images[0].directory.glob("1/model.onnx*"))
+    return (max(s.sidecar.embed_dim for s in specs),
+            max((s.sidecar.image_size or 0) for s in specs), model_bytes)
+
+
 def resolve_default_scale(config: ServerConfig, catalog: Catalog) -> str:
-    """The configured default scale, or the repository's only one.
+    """The configured default scale; else the repository's only one; else the largest by
+    :func:`scale_size` (ties: the name that sorts last), logged. Every other scale stays
+    reachable through ``x-clip-scale`` (and ``<scale>_<precision>`` routing-file keys).
 
     Raises:
-        ValueError: the configured scale is absent, or none is configured and there are several.
+        ValueError: the configured scale is absent.
     """
     if config.default_scale:
         if config.default_scale not in catalog.scales:
             raise ValueError(f"default_scale {config.default_scale!r} is not in the repository "
                              f"(scales: {', '.join(catalog.scales)})")
         return config.default_scale
-    if len(catalog.scales) != 1:
-        raise ValueError(f"the repository holds scales {', '.join(catalog.scales)}; set "
-                         "--default-scale to say which one takes calls that name none")
-    return catalog.scales[0]
+    if len(catalog.scales) == 1:
+        return catalog.scales[0]
+    chosen = max(catalog.scales, key=lambda s: (scale_size(catalog, s), s))
+    log.info("the repository holds scales %s and no --default-scale was set: %s (the largest "
+             "by embedding dimension, image size and model file size) takes calls that name "
+             "no scale; the others answer to x-clip-scale", ", ".join(catalog.scales), chosen)
+    return chosen
 
 
 def default_policy(catalog: Catalog, scale: str) -> RoutingPolicy:
@@ -111,6 +130,7 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None  # plaintext probes (health_port)
         self._metrics_http = None
+        self._http = None  # HttpApi when http_port is set
         self._decoder: ImageDecoder | None = None
         self._tasks: list[asyncio.Task] = []
         self.health = health_aio.HealthServicer()
@@ -122,6 +142,7 @@ class Gateway:
         self.port: int | None = None
         self.health_port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
 
     async def start(self) -> None:
         """Read the repository, connect to (or start) Triton, start serving.
@@ -199,6 +220,18 @@ class Gateway:
         await self._server.start()
         if self._health_server is not None:
             await self._health_server.start()
+        if config.http_port is not None:
+            from .http_api import HttpApi
+
+            self._http = HttpApi(
+                service=service, catalog=catalog, metrics=metrics,
+                keys=lambda: self.keys.keys if self.keys else None, guard=self.guard,
+                ready=lambda: self.monitor.state.server_ready,
+                max_body_bytes=config.max_message_bytes, default_scale=scale)
+            self.http_port = await self._http.start(
+                config.host, config.http_port, cert_file=config.tls_cert_file,
+                key_file=config.tls_key_file, client_ca_file=config.tls_client_ca_file,
+                grace_s=config.shutdown_grace_s)
         self._tasks = [asyncio.create_task(self.monitor.run(), name="health"),
                        asyncio.create_task(self.routing.watch(config.routing_poll_s),
                                            name="routing"),
@@ -213,6 +246,9 @@ class Gateway:
                  config.max_concurrent_calls or "unbounded", config.host, self.metrics_port,
                  f", plaintext health on {config.host}:{self.health_port}"
                  if self._health_server is not None else "")
+        if self._http is not None:
+            log.info("serving the OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls
+                     else "http", config.host, self.http_port)
 
     async def _connect_triton(self) -> Backend:
         from .triton_client import TritonBackend
@@ -251,6 +287,9 @@ class Gateway:
         config's), then stop health polling, Triton and the rest. Idempotent."""
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

@@ -46,8 +46,10 @@ class ServerConfig:
     routing_poll_s: float = field(default=2.0, metadata=_help(
         "how often the routing file's modification time is checked"))
     default_scale: str = field(default="", metadata=_help(
-        "scale for calls and routing weights that name none; empty: the repository must "
-        "hold exactly one scale"))
+        "scale for calls and routing weights that name none; empty: the repository's only "
+        "scale, or with several the largest (embedding dimension, then image size, then "
+        "fp32 image model file size), logged at start; every scale stays reachable by "
+        "x-clip-scale"))
     max_batch_items: int = field(default=64, metadata=_help(
         "most images or texts in one call (more: INVALID_ARGUMENT)"))
     max_image_bytes: int = field(default=16 * _MIB, metadata=_help(
@@ -84,6 +86,11 @@ class ServerConfig:
     health_port: int | None = field(default=None, metadata=_help(
         "extra plaintext port serving only grpc.health.v1, without TLS or key, for Kubernetes "
         "gRPC probes (which cannot do TLS); 0: any free port; unset: none"))
+    http_port: int | None = field(default=None, metadata=_help(
+        "port of the OpenAI-compatible HTTP API (POST /v1/embeddings, /v1/classify, "
+        "/v1/feedback, GET /v1/models, /health/live, /health/ready), served in the same process "
+        "with the same routing, limits, API keys and TLS files as gRPC; 0: any free port; "
+        "unset: no HTTP API"))
     decode_workers: int = field(default=0, metadata=_help(
         "threads decoding and resizing images; 0: one per CPU"))
     decode_queue: int = field(default=0, metadata=_help(
@@ -151,6 +158,13 @@ class ServerConfig:
                 problems.append(f"health_port must be 0..65535, got {self.health_port}")
             elif self.health_port and self.health_port in (self.port, self.metrics_port):
                 problems.append(f"health_port {self.health_port} is also port or metrics_port")
+        if self.http_port is not None:
+            if not 0 <= self.http_port <= 65535:
+                problems.append(f"http_port must be 0..65535, got {self.http_port}")
+            elif self.http_port and self.http_port in (self.port, self.metrics_port,
+                                                       self.health_port):
+                problems.append(f"http_port {self.http_port} is also port, metrics_port or "
+                                "health_port")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             problems.append("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -64,6 +64,42 @@ class ServingError(Exception):
         return cls(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+class PayloadTooLarge(ServingError):
+    """A request body over the size limit: RESOURCE_EXHAUSTED over gRPC (as gRPC's own
+    message-size check), 413 over HTTP."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+# gRPC status -> (HTTP status, OpenAI-style error type). The HTTP API's only mapping.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+def to_http(exc: BaseException) -> tuple[int, dict]:
+    """Map an exception to (HTTP status, OpenAI-style body ``{"error": {"message", "type",
+    "code"}}``); ``code`` is the gRPC status name in lower case (``invalid_argument``). Goes
+    through :func:`to_status`, so INTERNAL (500) keeps its generic message."""
+    code, message = to_status(exc)
+    status, kind = HTTP_STATUS.get(code, (500, "server_error"))
+    if isinstance(exc, PayloadTooLarge):
+        status, kind = 413, "invalid_request_error"
+    return status, {"error": {"message": message, "type": kind, "code": code.name.lower()}}
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception to the (code, message) the client sees.
 

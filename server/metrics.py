@@ -4,7 +4,8 @@ Naming: prefix ``clipserve_``, base units (seconds), ``_total`` counters. Every 
 from an enum or from the repository's scales, never from request data, so cardinality is
 bounded:
 
-- ``method``: a :class:`Method`; ``code``: a grpc.StatusCode name;
+- ``method``: a :class:`Method`; ``code``: a grpc.StatusCode name (HTTP calls too: the status
+  their error maps from); ``protocol``: a :class:`Protocol`;
 - ``scale``: a scale of the repository, or ``none`` when a call failed before routing;
 - ``precision``, ``reference``: a :class:`~clipserve.endpoints.Precision` value (or ``none``);
 - ``tower``: a :class:`~clipserve.endpoints.Tower` value; ``phase``: a :class:`Phase`;
@@ -56,6 +57,17 @@ class Method(str, enum.Enum):
     CLASSIFY = "Classify"
     LIST_MODELS = "ListModels"
     REPORT_OUTCOME = "ReportOutcome"
+    # HTTP POST /v1/embeddings refused before its input was read (no key, over the concurrency
+    # bound, a body that is not JSON); the calls it makes count as EmbedImages/EmbedTexts.
+    EMBEDDINGS = "Embeddings"
+
+
+class Protocol(str, enum.Enum):
+    """The front end a call came through (``clipserve_requests_total`` and
+    ``clipserve_request_duration_seconds``)."""
+
+    GRPC = "grpc"
+    HTTP = "http"
 
 
 class Phase(str, enum.Enum):
@@ -136,11 +148,11 @@ class ServerMetrics:
         # -- traffic and speed --------------------------------------------------------------
         self.requests = Counter(
             "clipserve_requests_total", "Finished calls, by outcome.",
-            ["method", *endpoint, "code"], registry=registry)
+            ["method", *endpoint, "code", "protocol"], registry=registry)
         self.request_duration = Histogram(
             "clipserve_request_duration_seconds",
             "Wall time from receiving a call to its last response message.",
-            ["method", *endpoint], buckets=LATENCY_BUCKETS, registry=registry)
+            ["method", *endpoint, "protocol"], buckets=LATENCY_BUCKETS, registry=registry)
         self.request_phase = Histogram(
             "clipserve_request_phase_seconds",
             "Wall time of one part of a call (queue, preprocess, triton); see Phase.",
@@ -254,14 +266,16 @@ class ServerMetrics:
     # -- traffic ---------------------------------------------------------------------------
 
     def observe_call(self, method: Method, scale: str | None, precision: Precision | None,
-                     code: grpc.StatusCode, seconds: float) -> None:
-        """Record one finished call."""
+                     code: grpc.StatusCode, seconds: float,
+                     protocol: Protocol = Protocol.GRPC) -> None:
+        """Record one finished call that came in over ``protocol``."""
         scale_label = self._scale(scale)
         precision_label = precision.value if precision is not None else NO_ROUTE
-        self.requests.labels(method=method.value, scale=scale_label,
-                             precision=precision_label, code=code.name).inc()
+        self.requests.labels(method=method.value, scale=scale_label, precision=precision_label,
+                             code=code.name, protocol=protocol.value).inc()
         self.request_duration.labels(method=method.value, scale=scale_label,
-                                     precision=precision_label).observe(seconds)
+                                     precision=precision_label,
+                                     protocol=protocol.value).observe(seconds)
 
     def observe_phase(self, method: Method, scale: str, precision: Precision, phase: Phase,
                       seconds: float) -> None:

@@ -367,6 +367,23 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 return self._refusing(handler, method, exc)
         return self._guarded(handler, method)
 
+    def enter(self) -> None:
+        """Count a call that does not pass through the interceptor (the HTTP API) against the
+        same bound; pair with :meth:`leave`.
+
+        Raises:
+            ServingError: RESOURCE_EXHAUSTED when the bound is reached.
+        """
+        if self._limit and self.in_flight >= self._limit:
+            raise ServingError.resource_exhausted(
+                f"the server is at its limit of {self._limit} concurrent calls; retry with "
+                "backoff")
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """End a call counted by :meth:`enter`."""
+        self.in_flight -= 1
+
     def _reject(self, method: str, code: grpc.StatusCode) -> None:
         if self._on_reject is not None:
             try:

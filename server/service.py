@@ -25,6 +25,7 @@ import numpy as np
 
 from clipserve.calibration import softmax
 from clipserve.endpoints import Precision, Tower, endpoint_name
+from clipserve.formats import OutputFormat, encode
 
 from .backend import Backend
 from .config import ServerConfig
@@ -34,6 +35,7 @@ from .images import ImageDecoder
 from .live_quality import (FIT_COMMAND, LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings,
                            average_prompts)
 from .metrics import Method, Phase, ServerMetrics
+from .metrics import Protocol as Frontend
 from .repository import Catalog, EndpointSpec
 from .routing import HEADER_ENDPOINT, RoutingPolicy, Target, route
 from .v1 import clipserve_pb2 as pb
@@ -69,6 +71,21 @@ def precision_to_pb(precision: Precision) -> int:
 
 def tower_to_pb(tower: Tower) -> int:
     return pb.Tower.Value(f"TOWER_{tower.name}")
+
+
+def format_from_pb(value: int) -> OutputFormat:
+    """A pb.EmbeddingFormat value as an OutputFormat (INVALID_ARGUMENT for an unknown one)."""
+    try:
+        return OutputFormat(pb.EmbeddingFormat.Name(value).removeprefix(
+            "EMBEDDING_FORMAT_").lower())
+    except ValueError:
+        raise ServingError.invalid_argument(
+            f"unknown embedding format {value}; valid: "
+            f"{', '.join(pb.EmbeddingFormat.keys())}") from None
+
+
+def format_to_pb(fmt: OutputFormat) -> int:
+    return pb.EmbeddingFormat.Value(f"EMBEDDING_FORMAT_{fmt.name}")
 
 
 def _precision_descriptions() -> dict[Precision, str]:
@@ -200,6 +217,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         and abort the call with it; record the outcome in metrics."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        # The HTTP front end passes a context of its own that says so; gRPC's does not.
+        protocol = getattr(context, "protocol", Frontend.GRPC)
         in_flight = self._metrics.in_flight.labels(method=method.value)
         in_flight.inc()
         try:
@@ -213,7 +232,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         finally:
             in_flight.dec()
             self._metrics.observe_call(method, call.scale, call.precision, code,
-                                       time.perf_counter() - started)
+                                       time.perf_counter() - started, protocol)
 
     async def _unary(self, method: Method, context,
                      handler: Callable[[_Call], Awaitable[object]]):
@@ -317,6 +336,25 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         return await self._run_endpoint(spec, batch, self._config.request_timeout_s)
 
     @staticmethod
+    def _output_format(request, spec: EndpointSpec) -> OutputFormat:
+        """The format the call asked for, checked against what ``spec`` can give."""
+        fmt = format_from_pb(request.format)
+        if fmt is OutputFormat.INT8 and "int8" not in (spec.sidecar.output_formats or {}):
+            raise ServingError.failed_precondition(
+                f"endpoint {spec.name} has no int8 ranges in its sidecar (output_formats.int8); "
+                "re-export the repository to fit them, or ask for float32, float16 or ubinary")
+        return fmt
+
+    @staticmethod
+    def _pack(spec: EndpointSpec, vectors: np.ndarray, fmt: OutputFormat) -> list[bytes]:
+        try:
+            return encode(vectors, fmt, spec.sidecar.output_formats)
+        except ValueError as exc:  # ranges of another dimension: the sidecar is inconsistent
+            raise ServingError.failed_precondition(
+                f"endpoint {spec.name} cannot encode {fmt.value}: {exc}; re-export the "
+                "repository") from None
+
+    @staticmethod
     def _endpoint_pb(spec: EndpointSpec) -> pb.Endpoint:
         return pb.Endpoint(name=spec.name, scale=spec.scale,
                            precision=precision_to_pb(spec.precision),
@@ -343,14 +381,17 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._check_batch(images, "images")
         scale, precision = self._route_towers(call, context, (Tower.IMAGE,))
         spec = self._endpoint(scale, precision, Tower.IMAGE)
+        fmt = self._output_format(request, spec)
         await self._announce(context, call, spec)
         pixels = await self._decode(call, spec, images)
         vectors = await self._embed(call, spec, pixels)
         self.live.score_images(spec, vectors, pixels, call.request_id)
+        embeddings = ([pb.Embedding(values=row) for row in vectors.tolist()]
+                      if fmt is OutputFormat.FLOAT32 else
+                      [pb.Embedding(packed=row) for row in self._pack(spec, vectors, fmt)])
         return pb.EmbedImagesResponse(
-            endpoint=self._endpoint_pb(spec),
-            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
-            request_id=call.request_id)
+            endpoint=self._endpoint_pb(spec), embeddings=embeddings,
+            request_id=call.request_id, format=request.format)
 
     async def _embed_texts(self, request, context, call: _Call) -> pb.EmbedTextsResponse:
         texts = list(request.texts)
@@ -359,16 +400,21 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             self._check_text(text, f"text {i}")
         scale, precision = self._route_towers(call, context, (Tower.TEXT,))
         spec = self._endpoint(scale, precision, Tower.TEXT)
+        fmt = self._output_format(request, spec)
         await self._announce(context, call, spec)
         started = time.perf_counter()
         ids, truncated = await self._tokenize(spec, texts)
         self._metrics.observe_phase(call.method, scale, precision, Phase.PREPROCESS,
                                     time.perf_counter() - started)
         vectors = await self._embed(call, spec, ids)
-        return pb.EmbedTextsResponse(
-            endpoint=self._endpoint_pb(spec),
-            embeddings=[pb.TextEmbedding(values=row, truncated=cut)
-                        for row, cut in zip(vectors.tolist(), truncated)])
+        tokens = np.count_nonzero(ids, axis=1).tolist()  # ids are 0-padded
+        rows = (vectors.tolist() if fmt is OutputFormat.FLOAT32
+                else self._pack(spec, vectors, fmt))
+        field_name = "values" if fmt is OutputFormat.FLOAT32 else "packed"
+        embeddings = [pb.TextEmbedding(**{field_name: row}, truncated=cut, tokens=n)
+                      for row, cut, n in zip(rows, truncated, tokens)]
+        return pb.EmbedTextsResponse(endpoint=self._endpoint_pb(spec), embeddings=embeddings,
+                                     format=request.format)
 
     async def _classify(self, request, context, call: _Call) -> pb.ClassifyResponse:
         images = list(request.images)
@@ -458,6 +504,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         infos = []
         for spec in self._catalog:
             car = spec.sidecar
+            int8 = (car.output_formats or {}).get("int8")
             infos.append(pb.EndpointInfo(
                 endpoint=self._endpoint_pb(spec), ready=state.is_ready(spec.name),
                 image_size=car.image_size or 0, context_length=car.context_length or 0,
@@ -467,7 +514,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                               for k, v in (car.quantization or {}).items()},
                 temperature=car.temperature or 0.0, ood_threshold=car.ood_threshold or 0.0,
                 labels=car.labels or [],
-                routing_weight=shares.get((spec.scale, spec.precision), 0.0)))
+                routing_weight=shares.get((spec.scale, spec.precision), 0.0),
+                int8_ranges=(pb.Int8Ranges(lo=int8["lo"], hi=int8["hi"]) if int8 else None)))
         return pb.ListModelsResponse(
             endpoints=infos, scales=list(self._catalog.scales),
             precisions=[precision_to_pb(p) for p in self._catalog.precisions()])

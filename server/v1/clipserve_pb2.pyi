@@ -18,12 +18,23 @@ class Tower(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TOWER_IMAGE: _ClassVar[Tower]
     TOWER_TEXT: _ClassVar[Tower]
+
+class EmbeddingFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBEDDING_FORMAT_FLOAT32: _ClassVar[EmbeddingFormat]
+    EMBEDDING_FORMAT_FLOAT16: _ClassVar[EmbeddingFormat]
+    EMBEDDING_FORMAT_INT8: _ClassVar[EmbeddingFormat]
+    EMBEDDING_FORMAT_UBINARY: _ClassVar[EmbeddingFormat]
 PRECISION_FP32: Precision
 PRECISION_FP16: Precision
 PRECISION_INT8: Precision
 PRECISION_INT4: Precision
 TOWER_IMAGE: Tower
 TOWER_TEXT: Tower
+EMBEDDING_FORMAT_FLOAT32: EmbeddingFormat
+EMBEDDING_FORMAT_FLOAT16: EmbeddingFormat
+EMBEDDING_FORMAT_INT8: EmbeddingFormat
+EMBEDDING_FORMAT_UBINARY: EmbeddingFormat
 
 class Endpoint(_message.Message):
     __slots__ = ("name", "scale", "precision", "tower", "embed_dim")
@@ -40,48 +51,62 @@ class Endpoint(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scale: _Optional[str] = ..., precision: _Optional[_Union[Precision, str]] = ..., tower: _Optional[_Union[Tower, str]] = ..., embed_dim: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "packed")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class EmbedImagesRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "format")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    format: EmbeddingFormat
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
-    __slots__ = ("endpoint", "embeddings", "request_id")
+    __slots__ = ("endpoint", "embeddings", "request_id", "format")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     request_id: str
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    format: EmbeddingFormat
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[str] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
 
 class EmbedTextsRequest(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "format")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    format: EmbeddingFormat
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
 
 class TextEmbedding(_message.Message):
-    __slots__ = ("values", "truncated")
+    __slots__ = ("values", "truncated", "packed", "tokens")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     truncated: bool
-    def __init__(self, values: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    packed: bytes
+    tokens: int
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ..., packed: _Optional[bytes] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedTextsResponse(_message.Message):
-    __slots__ = ("endpoint", "embeddings")
+    __slots__ = ("endpoint", "embeddings", "format")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     embeddings: _containers.RepeatedCompositeFieldContainer[TextEmbedding]
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[TextEmbedding, _Mapping]]] = ...) -> None: ...
+    format: EmbeddingFormat
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[TextEmbedding, _Mapping]]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "image", "text")
@@ -162,7 +187,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("endpoint", "ready", "image_size", "context_length", "max_batch_size", "source", "description", "quantization", "temperature", "ood_threshold", "labels", "routing_weight")
+    __slots__ = ("endpoint", "ready", "image_size", "context_length", "max_batch_size", "source", "description", "quantization", "temperature", "ood_threshold", "labels", "routing_weight", "int8_ranges")
     class QuantizationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +207,7 @@ class EndpointInfo(_message.Message):
     OOD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INT8_RANGES_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     ready: bool
     image_size: int
@@ -194,7 +220,16 @@ class EndpointInfo(_message.Message):
     ood_threshold: float
     labels: _containers.RepeatedScalarFieldContainer[str]
     routing_weight: float
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., ready: _Optional[bool] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., source: _Optional[str] = ..., description: _Optional[str] = ..., quantization: _Optional[_Mapping[str, str]] = ..., temperature: _Optional[float] = ..., ood_threshold: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., routing_weight: _Optional[float] = ...) -> None: ...
+    int8_ranges: Int8Ranges
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., ready: _Optional[bool] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., source: _Optional[str] = ..., description: _Optional[str] = ..., quantization: _Optional[_Mapping[str, str]] = ..., temperature: _Optional[float] = ..., ood_threshold: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., routing_weight: _Optional[float] = ..., int8_ranges: _Optional[_Union[Int8Ranges, _Mapping]] = ...) -> None: ...
+
+class Int8Ranges(_message.Message):
+    __slots__ = ("lo", "hi")
+    LO_FIELD_NUMBER: _ClassVar[int]
+    HI_FIELD_NUMBER: _ClassVar[int]
+    lo: _containers.RepeatedScalarFieldContainer[float]
+    hi: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, lo: _Optional[_Iterable[float]] = ..., hi: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("endpoints", "scales", "precisions")

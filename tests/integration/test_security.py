@@ -401,7 +401,7 @@ def test_calls_beyond_the_bound_get_resource_exhausted_at_once(start):
     wait_idle(gw)
     refused = gw.gateway.registry.get_sample_value("clipserve_requests_total", {
         "method": "EmbedTexts", "scale": "none", "precision": "none",
-        "code": "RESOURCE_EXHAUSTED"})
+        "code": "RESOURCE_EXHAUSTED", "protocol": "grpc"})
     assert refused == 4, "refused calls are counted like any other outcome"
     backend.delay_s = 0
     with grpc.insecure_channel(gw.address) as channel:

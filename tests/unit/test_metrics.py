@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clipserve.endpoints import Precision, Tower
 from clipserve.server.metrics import (BATCH_BUCKETS, CONFIDENCE_BUCKETS, Eviction, LabelSet,
+                                      Protocol,
                                       Method, OutcomeResult, Phase, ShadowDrop, Unscored)
 from clipserve.server.routing import HEADER_PRECISION, HEADER_ROUTING_KEY
 from clipserve.server.v1 import clipserve_pb2 as pb
@@ -49,9 +50,9 @@ async def test_an_embed_images_call_moves_exactly_its_counters(live):
                                 FakeContext([(HEADER_PRECISION, "int8")]))
     moved = delta(scrape(h.registry), before)
     endpoint = {"scale": SCALE, "precision": "int8"}
-    assert moved[key("clipserve_requests_total", method="EmbedImages", code="OK",
+    assert moved[key("clipserve_requests_total", method="EmbedImages", code="OK", protocol="grpc",
                      **endpoint)] == 1
-    assert moved[key("clipserve_request_duration_seconds_count", method="EmbedImages",
+    assert moved[key("clipserve_request_duration_seconds_count", method="EmbedImages", protocol="grpc",
                      **endpoint)] == 1
     assert moved[key("clipserve_items_total", tower="image", **endpoint)] == 5
     # Five images in chunks of max_batch_size 3: Triton saw a 3 and a 2.
@@ -91,8 +92,8 @@ async def test_text_calls_and_failures_are_counted_once(live):
     fp32 = {"scale": SCALE, "precision": "fp32"}
     assert moved[key("clipserve_items_total", tower="text", **fp32)] == 4
     assert moved[key("clipserve_batch_size_count", tower="text", **fp32)] == 2
-    assert moved[key("clipserve_requests_total", method="EmbedTexts", code="OK", **fp32)] == 1
-    assert moved[key("clipserve_requests_total", method="EmbedTexts", code="INVALID_ARGUMENT",
+    assert moved[key("clipserve_requests_total", method="EmbedTexts", code="OK", protocol="grpc", **fp32)] == 1
+    assert moved[key("clipserve_requests_total", method="EmbedTexts", code="INVALID_ARGUMENT", protocol="grpc",
                      scale="none", precision="none")] == 1
     assert moved[key("clipserve_request_phase_seconds_count", method="EmbedTexts",
                      phase="preprocess", **fp32)] == 1
@@ -175,6 +176,7 @@ async def test_label_values_stay_within_their_enums(live):
         "precision": precisions, "reference": precisions,
         "code": {c.name for c in grpc.StatusCode}, "tower": {t.value for t in Tower},
         "phase": {p.value for p in Phase}, "label_set": {s.value for s in LabelSet},
+        "protocol": {p.value for p in Protocol},
         "reason": ({r.value for r in Unscored} | {r.value for r in ShadowDrop}
                    | {r.value for r in Eviction}),
         "result": {"ok", "error", "hit", "miss"} | {r.value for r in OutcomeResult},

@@ -57,3 +57,27 @@ def test_service_names_come_from_the_descriptors():
     assert SERVICE_NAMES == ("clipserve.v1.EmbeddingService",
                              "clipserve.v1.ClassificationService", "clipserve.v1.ModelService",
                              "clipserve.v1.FeedbackService")
+
+
+def test_several_scales_without_a_default_pick_the_largest(tmp_path, caplog):
+    import shutil
+
+    from clipserve.endpoints import Sidecar
+
+    root = write_repository(tmp_path / "r", (Precision.FP32,))
+    # A second, larger scale: the same endpoints renamed, with a wider embedding.
+    for d in list(root.iterdir()):
+        if d.is_dir():
+            big = root / d.name.replace("tiny", "big")
+            shutil.copytree(d, big)
+            car = Sidecar.read(big)
+            car.scale, car.embed_dim = "big", car.embed_dim * 2
+            car.write(big)
+            (big / "config.pbtxt").write_text(
+                (big / "config.pbtxt").read_text().replace("tiny", "big"))
+    catalog = Catalog.from_repository(root)
+    assert set(catalog.scales) == {"tiny", "big"}
+    with caplog.at_level("INFO"):
+        assert resolve_default_scale(ServerConfig(), catalog) == "big"
+    assert "holds scales" in caplog.text and "x-clip-scale" in caplog.text
+    assert resolve_default_scale(ServerConfig(default_scale="tiny"), catalog) == "tiny"

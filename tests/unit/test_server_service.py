@@ -177,7 +177,8 @@ class Harness:
     def count(self, method: str, code: str, precision: str = "fp32", scale: str = SCALE):
         return self.registry.get_sample_value(
             "clipserve_requests_total",
-            {"method": method, "scale": scale, "precision": precision, "code": code}) or 0
+            {"method": method, "scale": scale, "precision": precision, "code": code,
+             "protocol": "grpc"}) or 0
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipserve.endpoints import Precision
+
 # Column order of the Markdown table; report.json carries every field of every row.
 COLUMNS = [
     ("model", "model", "{}"), ("precision", "precision", "{}"), ("tower", "tower", "{}"),
@@ -44,7 +46,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    precisions = ["fp32", "fp16", "int8", "int4"]
+    precisions = [p.value for p in Precision]
     models = sorted({row["model"] for row in rows})
     panels = [("zero_shot_top1", "zero-shot top-1", "image"),
               ("ece", "ECE (native T), dashed: fitted T", "image"),

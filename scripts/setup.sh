@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[export,triton,loadtest,dev]'
+.venv/bin/python -m pip install -q -e '.[export,triton,openvino,loadtest,dev]'

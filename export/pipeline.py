@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.export import digits, evaluate, models, quantize, report, repository
+from clipserve.export import digits, evaluate, models, quantize, report, repository, runtimes
 from clipserve.export.config import ExportConfig
 from clipserve.export import onnx_export as ox
 
@@ -29,8 +29,9 @@ REPORT_NOTES = [
     "score (max softmax of cos/T); ID = test digits, OOD = rendered letters (near) + noise and "
     "textures (far); threshold keeps 95% of calibration digits.",
     "cosine: each tower's embeddings against the FP32 ONNX tower on the same inputs (images: test "
-    "+ OOD sets; texts: prompts + random token sequences). items/s: onnxruntime in-process on this "
-    "machine's CPU at a fixed batch, all cores; compare ratios within one run.",
+    "+ OOD sets; texts: prompts + random token sequences). items/s: the endpoint's runtime "
+    "(onnxruntime or OpenVINO, see quantization.runtime) in-process on this machine's CPU at a "
+    "fixed batch, all cores; compare ratios within one run.",
 ]
 
 
@@ -76,7 +77,9 @@ def _make_variants(fp32: dict, work: Path, precisions, config, shapes, data, pro
             optimized = fp32[tower]
         for precision in precisions:
             dst = work / f"{precision.value}_{tower.value}.onnx"
-            if precision is Precision.FP16:
+            if precision is Precision.BF16:  # the FP32 graph; OpenVINO computes it in bf16
+                variants[precision, tower] = (fp32[tower], {"method": "bf16-runtime"})
+            elif precision is Precision.FP16:
                 variants[precision, tower] = (dst, quantize.to_fp16(fp32[tower], dst))
             elif precision is Precision.INT4:
                 variants[precision, tower] = (dst, quantize.to_int4(
@@ -142,8 +145,18 @@ def export_model(spec: models.ModelSpec, precisions: list[Precision], config: Ex
 
     # Every tower runs once over its probe set (images: test + OOD; texts: prompts + random
     # ids); the image tower also over the calibration split. Everything below reuses these.
-    sessions = {key: evaluate.make_session(path) for key, (path, _) in variants.items()}
     probes = {t: _tower_inputs(t, shapes, data, prompt_ids)[0] for t in Tower}
+    served = {key: ("onnxruntime", None) for key in variants}
+    if config.backend == "python":
+        for (p, t), (path, quantization) in variants.items():
+            runtime, options, info = runtimes.plan_runtime(
+                config.runtime, path, p, probes[t][:config.throughput_batch],
+                config.throughput_seconds)
+            served[p, t] = (runtime, options)
+            quantization["runtime"] = info
+            say(f"{spec.scale} {p.value} {t.value}: runtime {options['runtime_choice']}")
+    sessions = {key: runtimes.make_session(path, served[key][0], key[0]) if served[key][1]
+                else evaluate.make_session(path) for key, (path, _) in variants.items()}
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
     probe_emb = {(p, t): evaluate.embed(sessions[p, t], probes[t]) for p in evaluated for t in Tower}
     n_test, n_near = len(data.test.images), len(data.ood_near)
@@ -205,7 +218,9 @@ def export_model(spec: models.ModelSpec, precisions: list[Precision], config: Ex
         )
         repository.write_endpoint(Path(config.repository), variants[precision, tower][0], sidecar,
                                   backend=config.backend, tensorrt=config.tensorrt,
-                                  tokenizer_json=tokenizer_json)
+                                  tokenizer_json=tokenizer_json,
+                                  runtime=served[precision, tower][0],
+                                  runtime_options=served[precision, tower][1])
     say(f"{spec.scale}: wrote {len(rows)} endpoints to {config.repository}")
     return rows
 
@@ -218,6 +233,13 @@ def export(config: ExportConfig, log=print) -> list[dict]:
     say = _Clock(log)
     specs = config.model_specs()
     precisions = [Precision.parse(p) for p in config.precisions]
+    from clipserve import cpu as cpu_info
+    machine = cpu_info.detect()
+    say(f"CPU: {machine.describe()}")
+    if Precision.BF16 in precisions:
+        keep, why = runtimes.bf16_plan(machine, config.allow_emulated_bf16, config.backend)
+        say(f"bf16: {why}")
+        precisions = [p for p in precisions if keep or p is not Precision.BF16]
     repo = Path(config.repository)
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = write_tokenizer_json(Path(config.cache_dir) / "tokenizer.json")
@@ -227,7 +249,7 @@ def export(config: ExportConfig, log=print) -> list[dict]:
     for i, spec in enumerate(specs, 1):
         say(f"model {i}/{len(specs)}: {spec.source}")
         rows += export_model(spec, precisions, config, tokenizer_json, say)
-    notes = REPORT_NOTES + [f"Config: {dataclasses.asdict(config)}"]
+    notes = REPORT_NOTES + [f"CPU: {machine.describe()}", f"Config: {dataclasses.asdict(config)}"]
     paths = report.write(rows, repo, notes)
     say(f"report: {paths['md']} {paths['json']} {paths['png']}")
     return rows

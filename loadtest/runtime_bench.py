@@ -140,6 +140,7 @@ def markdown(result: dict) -> str:
              f"{result['int8_info'].get('activations')}.", "",
              *table_lines(result["rows"])]
     peaks = result["peaks"]
+    lines += ["", *summary_lines(result["rows"])]
     lines += ["", f"Roofline: {result['image_gflop']:.3f} GFLOP per image (FP32-equivalent "
               f"matmul/conv FLOPs); the float32 peak is a {cfg['matmul_n']}-square numpy matmul "
               f"measured in this run ({peaks['fp32']['gflops']:.0f} GFLOP/s); other precisions' "
@@ -147,6 +148,29 @@ def markdown(result: dict) -> str:
                   f"{p} {v['factor']:g}x ({v['assumes']})" for p, v in peaks.items()) + ".", "",
               END]
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """What the table says against the issue's targets (best INT8 >= 3.5x ORT FP32, BF16 >= 3x
+    at cosine >= 0.999; set for an AMX CPU), and a warning when the peak looks disturbed."""
+    ok = [r for r in rows if "error" not in r]
+    lines = []
+    int8 = max((r for r in ok if r["precision"] == "int8"), key=lambda r: r["items_per_s"],
+               default=None)
+    bf16 = next((r for r in ok if r["precision"] == "bf16"), None)
+    if int8:
+        lines.append(f"- Best INT8: {int8['label']}, {int8['vs_ort_fp32']:.2f}x ORT FP32 "
+                     f"(target on an AMX CPU: >= 3.5x), min cosine "
+                     f"{int8['min_cosine_to_ort_fp32']:.6f}.")
+    if bf16:
+        lines.append(f"- BF16: {bf16['vs_ort_fp32']:.2f}x ORT FP32 (target on an AMX CPU: >= 3x), "
+                     f"min cosine {bf16['min_cosine_to_ort_fp32']:.6f} (target >= 0.999).")
+    over = [r["label"] for r in ok if r["of_peak"] > 1.0]
+    if over:
+        lines.append(f"- Above 100% of peak ({', '.join(over)}): the float32 matmul that sets the "
+                     "peak was slowed by other load on the machine while it was timed; read the "
+                     "'of peak' column as relative between rows.")
+    return lines
 
 
 def table_lines(rows: list[dict]) -> list[str]:

@@ -282,3 +282,12 @@ def test_config_pbtxt_carries_the_runtime():
 def test_bf16_plan(flags, allow, backend, want, text):
     ok, why = runtimes.bf16_plan(cpu.from_flags(flags), allow, backend)
     assert ok is want and text in why
+
+
+def test_export_config_validates_the_runtime():
+    from clipserve.export.config import ExportConfig
+
+    assert ExportConfig().runtime == "auto" and not ExportConfig().allow_emulated_bf16
+    assert ExportConfig(runtime="openvino").runtime == "openvino"
+    with pytest.raises(ValueError, match="auto, onnxruntime, openvino"):
+        ExportConfig(runtime="tvm")

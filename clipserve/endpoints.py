@@ -35,12 +35,18 @@ class Precision(str, enum.Enum):
       precision too; level 0 would dequantize weights and compute in float32 (true
       weight-only). The patch Conv, LayerNorm, softmax and the attention score matmuls stay
       float32.
+    - ``bf16``: weights and activations bfloat16 where the runtime computes in it: the FP32
+      graph, run by OpenVINO with ``INFERENCE_PRECISION_HINT=bf16`` (matmuls, convolutions and
+      most element-wise ops in bfloat16, float32 accumulation); norms, softmax and reductions as
+      the runtime keeps them (OpenVINO's CPU plugin keeps LayerNorm statistics and softmax sums
+      in float32). Pays only on CPUs with AVX512_BF16 or AMX; elsewhere it is emulated.
     """
 
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
+    BF16 = "bf16"
 
     @classmethod
     def parse(cls, text: str) -> "Precision":

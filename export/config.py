@@ -10,6 +10,8 @@ from pathlib import Path
 from clipserve.endpoints import Precision
 
 BACKENDS = ("python", "onnxruntime")
+# --runtime: what the python backend's model.py runs (export/runtimes.py); auto measures.
+RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
 INT4_BLOCK_SIZE = 32
 OOD_SCORE_CHOICES = ("auto", "mcm", "knn", "mahalanobis")
 
@@ -39,6 +41,14 @@ class ExportConfig:
                 "CPU tritonserver of nvidia-pytriton) or 'onnxruntime' (NVIDIA's GPU images)"})
     tensorrt: bool = field(default=False, metadata={
         "help": "with --backend onnxruntime: enable the TensorRT accelerator where it applies"})
+    runtime: str = field(default="auto", metadata={
+        "help": "with --backend python: the CPU runtime of each endpoint: 'onnxruntime', "
+                "'openvino', or 'auto' (measure both per precision on this machine, keep the "
+                "faster one that agrees with onnxruntime, record why in the sidecar and "
+                "config.pbtxt). bf16 always runs on openvino"})
+    allow_emulated_bf16: bool = field(default=False, metadata={
+        "help": "export bf16 even on a CPU without AVX512_BF16/AMX, where it is emulated and "
+                "slower than fp32 (otherwise such a CPU skips bf16 with a message)"})
     int4_block_size: int = field(default=INT4_BLOCK_SIZE, metadata={
         "help": "INT4 block size (power of two >= 16)"})
     throughput_batch: int = field(default=32, metadata={
@@ -74,6 +84,8 @@ class ExportConfig:
             Precision.parse(p)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.runtime not in RUNTIME_CHOICES:
+            raise ValueError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIME_CHOICES)}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.bootstrap < 1000:

@@ -13,7 +13,7 @@ import numpy as np
 from clipserve import calibration as cal
 from clipserve import stats
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.export import evaluate, models, quality, quantize, report, repository
+from clipserve.export import evaluate, models, quality, quantize, report, repository, runtimes
 from clipserve.export.config import ExportConfig
 from clipserve.export import onnx_export as ox
 
@@ -61,7 +61,9 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
             optimized = fp32[tower]
         for precision in precisions:
             dst = work / f"{precision.value}_{tower.value}.onnx"
-            if precision is Precision.FP16:
+            if precision is Precision.BF16:  # the FP32 graph; OpenVINO computes it in bf16
+                variants[precision, tower] = (fp32[tower], {"method": "bf16-runtime"})
+            elif precision is Precision.FP16:
                 variants[precision, tower] = (dst, quantize.to_fp16(fp32[tower], dst))
             elif precision is Precision.INT4:
                 variants[precision, tower] = (dst, quantize.to_int4(
@@ -137,7 +139,19 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     variants = _make_variants(fp32, work, precisions, config, probes,
                               lambda m: say(f"{tag} {m}"))
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
-    sessions = {(p, t): evaluate.make_session(variants[p, t][0]) for p in evaluated for t in Tower}
+    # Each endpoint is measured on the runtime it will be served with.
+    served = {key: ("onnxruntime", None) for key in variants}
+    if config.backend == "python":
+        for (p, t), (path, quantization) in variants.items():
+            runtime, options, info = runtimes.plan_runtime(
+                config.runtime, path, p, probes[t][:config.throughput_batch],
+                config.throughput_seconds)
+            served[p, t] = (runtime, options)
+            quantization["runtime"] = info
+            say(f"{tag} {p.value} {t.value}: runtime {options['runtime_choice']}")
+    sessions = {(p, t): runtimes.make_session(variants[p, t][0], served[p, t][0], p)
+                if served[p, t][1] else evaluate.make_session(variants[p, t][0])
+                for p in evaluated for t in Tower}
     result = quality.evaluate_model(
         scale=tag, sessions=sessions, suite=suite, prompt_ids=prompt_ids,
         caption_ids=caption_ids, probe_ids=probe_ids, image_size=shapes.image_size,
@@ -164,7 +178,7 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
                 "throughput_batch": config.throughput_batch,
             })
     context = {"spec": spec, "shapes": shapes, "variants": variants, "suite": suite,
-               "native_temperature": native_temperature}
+               "native_temperature": native_temperature, "served": served}
     return context, result
 
 
@@ -186,7 +200,9 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             quantization=row["quantization"], **fields)
         endpoint = repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
-            backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json)
+            backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json,
+            runtime=context["served"][precision, tower][0],
+            runtime_options=context["served"][precision, tower][1])
         if sidecar.ood_state:
             cal.save_ood_state(endpoint / sidecar.ood_state, live_score,
                                result.fitted[precision].ood_states[live_score])
@@ -222,6 +238,14 @@ def export(config: ExportConfig, log=print) -> list[dict]:
     say = _Clock(log)
     specs = config.model_specs()
     precisions = [Precision.parse(p) for p in config.precisions]
+    from clipserve import cpu as cpu_info
+
+    machine = cpu_info.detect()
+    say(f"CPU: {machine.describe()}")
+    if Precision.BF16 in precisions:
+        keep, why = runtimes.bf16_plan(machine, config.allow_emulated_bf16, config.backend)
+        say(f"bf16: {why}")
+        precisions = [p for p in precisions if keep or p is not Precision.BF16]
     repo = Path(config.repository)
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = write_tokenizer_json(Path(config.cache_dir) / "tokenizer.json")
@@ -232,7 +256,7 @@ def export(config: ExportConfig, log=print) -> list[dict]:
         say(f"model {i}/{len(specs)}: {spec.source}")
         rows += export_model(spec, precisions, config, tokenizer_json, say)
     budget = stats.parse_budget(config.budget)
-    paths = report.write(rows, repo, report.notes(rows, config=dataclasses.asdict(config),
-                                                  budget=budget), budget)
+    notes = report.notes(rows, config=dataclasses.asdict(config), budget=budget)
+    paths = report.write(rows, repo, [f"- CPU: {machine.describe()}", *notes], budget)
     say(f"report: {paths['md']} {paths['json']} {paths['png']}")
     return rows

@@ -118,23 +118,40 @@ def to_fp16(src: Path, dst: Path) -> dict:
     return {"method": "fp16", "kept_float32": FP16_KEEP_FLOAT}
 
 
-def to_int8_dynamic(src: Path, dst: Path) -> dict:
-    """Int8 weights per output channel; activations quantized per tensor at run time."""
+def _reduce_range(reduce_range: bool | None) -> bool:
+    """reduce_range (7-bit weights) only where the CPU needs it: AVX2 without VNNI multiplies
+    u8 x s8 with VPMADDUBSW, whose int16 pair sums saturate with full-range weights; VNNI and
+    AMX accumulate in int32. None: decide from this machine (clipserve.cpu)."""
+    if reduce_range is None:
+        from clipserve import cpu
+
+        return cpu.detect().needs_reduce_range
+    return bool(reduce_range)
+
+
+def _weights_text(reduce_range: bool) -> str:
+    return "int8 per-channel, " + ("reduce_range" if reduce_range else "full range (VNNI)")
+
+
+def to_int8_dynamic(src: Path, dst: Path, reduce_range: bool | None = None) -> dict:
+    """Int8 weights per output channel; activations quantized per tensor at run time.
+    ``reduce_range``: 7-bit weights; None decides from this CPU (see :func:`_reduce_range`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # reduce_range (7-bit weights): AVX2 without VNNI multiplies u8 x s8 with VPMADDUBSW, whose
-    # int16 accumulator saturates with full-range weights.
+    reduce_range = _reduce_range(reduce_range)
     with _quiet_ort():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=True, op_types_to_quantize=INT8_OPS)
+                         reduce_range=reduce_range, op_types_to_quantize=INT8_OPS)
     _require_quantized(dst, "MatMulInteger", "int8 (dynamic)")
-    return {"method": "int8-dynamic", "weights": "int8 per-channel, reduce_range",
-            "activations": "uint8 per-tensor, dynamic", "ops": INT8_OPS}
+    return {"method": "int8-dynamic", "weights": _weights_text(reduce_range),
+            "reduce_range": reduce_range, "activations": "uint8 per-tensor, dynamic",
+            "ops": INT8_OPS}
 
 
 def to_int8_static(src: Path, dst: Path, input_name: str,
-                   calibration: Iterable[np.ndarray]) -> dict:
-    """Int8 QDQ with activation ranges from a calibration set (99.99th percentile)."""
+                   calibration: Iterable[np.ndarray], reduce_range: bool | None = None) -> dict:
+    """Int8 QDQ with activation ranges from a calibration set (99.99th percentile).
+    ``reduce_range``: 7-bit weights; None decides from this CPU (see :func:`_reduce_range`)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
                                           QuantFormat, QuantType, quantize_static)
 
@@ -145,15 +162,16 @@ def to_int8_static(src: Path, dst: Path, input_name: str,
         def get_next(self):
             return next(self._batches, None)
 
+    reduce_range = _reduce_range(reduce_range)
     with _quiet_ort():
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True, reduce_range=True, op_types_to_quantize=INT8_OPS,
+                        per_channel=True, reduce_range=reduce_range, op_types_to_quantize=INT8_OPS,
                         calibrate_method=CalibrationMethod.Percentile,
                         extra_options={"CalibPercentile": 99.99})
     _require_quantized(dst, "QuantizeLinear", "int8 (static)")
-    return {"method": "int8-static-qdq", "weights": "int8 per-channel, reduce_range",
-            "activations": "uint8 per-tensor, calibrated (percentile 99.99)", "ops": INT8_OPS}
+    return {"method": "int8-static-qdq", "weights": _weights_text(reduce_range),
+            "reduce_range": reduce_range, "activations": "uint8 per-tensor, calibrated (percentile 99.99)", "ops": INT8_OPS}
 
 
 def to_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,

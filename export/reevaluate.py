@@ -11,6 +11,7 @@ as ``clipserve.r<N>.json``. A running gateway picks the new revision up on SIGHU
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,22 @@ def _scales(sidecars: dict[str, Sidecar], wanted: tuple[str, ...]) -> list[str]:
                 raise ValueError(f"{scale}: evaluation compares against FP32, and "
                                  f"{endpoint_name(scale, Precision.FP32, tower)} is missing")
     return scales
+
+
+_RUNTIME = re.compile(r'key:\s*"runtime"\s*value:\s*{\s*string_value:\s*"([a-z]+)"')
+
+
+def _session(endpoint: Path, precision: Precision):
+    """The endpoint's model on the runtime its config.pbtxt serves it with (OpenVINO's bf16
+    is measured as bf16, not as the FP32 graph under onnxruntime)."""
+    from clipserve.export import runtimes
+
+    match = _RUNTIME.search((endpoint / "config.pbtxt").read_text())
+    runtime = match.group(1) if match else "onnxruntime"
+    path = endpoint / "1" / "model.onnx"
+    if runtime == "onnxruntime":
+        return evaluate.make_session(path)
+    return runtimes.make_session(path, runtime, precision)
 
 
 def write_sidecar_revision(endpoint: Path, fields: dict, live_score: str, states: dict) -> Sidecar:
@@ -88,7 +105,7 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
         prompt_ids = ids(t.format(c) for c in labelled.class_names for t in labelled.templates)
         caption_ids = ids(suite.retrieval.captions) if suite.retrieval else None
         probe_ids = evaluate.random_token_ids(text_car.context_length, 64, seed=7)
-        sessions = {key: evaluate.make_session(repository / name / "1" / "model.onnx")
+        sessions = {key: _session(repository / name, key[0])
                     for key, (name, _) in mine.items() if key[0] in precisions}
         native_t = (image_car.evaluation or {}).get("native_temperature")
         log(f"[evaluate] {scale}: {', '.join(p.value for p in precisions)} on {quality.describe_suite(suite)}")

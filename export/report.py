@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from clipserve.endpoints import Precision
 from clipserve.export.quality import OOD_SCORES, POINT_METRICS
 
-PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8", "int4"]
+PRECISION_ORDER = [p.value for p in Precision]
 # Columns of the quality table: report.json carries every field of every row.
 COLUMNS = [
     ("model", "model", "{}"), ("precision", "precision", "{}"), ("tower", "tower", "{}"),

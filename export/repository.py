@@ -2,8 +2,9 @@
 
 Serving policy (batch limits, dynamic batching, instances) lives in each config.pbtxt. Two
 backends:
-- ``python`` (default): Triton's Python backend running onnxruntime via ``model.py``. It is
-  what runs on the CPU ``tritonserver`` that the ``nvidia-pytriton`` wheel ships.
+- ``python`` (default): Triton's Python backend running onnxruntime or OpenVINO via
+  ``model.py`` (config.pbtxt parameter ``runtime``; see :mod:`.runtimes`). It is what runs on
+  the CPU ``tritonserver`` that the ``nvidia-pytriton`` wheel ships.
 - ``onnxruntime``: ``platform: "onnxruntime_onnx"`` for NVIDIA's Triton images on GPUs,
   optionally with the TensorRT accelerator where TensorRT can run the graph (FP32, FP16 and
   static QDQ INT8; dynamic INT8 and INT4 use ops TensorRT lacks and run on the CUDA EP).
@@ -25,9 +26,28 @@ MAX_QUEUE_DELAY_US = 2000
 TEMPLATE = Path(__file__).parent / "triton_model.py"
 
 
+def _parameter(key: str, value) -> str:
+    text = str(value)
+    if any(c in text for c in '"\\\n'):
+        raise ValueError(f"config.pbtxt parameter {key}={text!r}: no quotes, backslashes or "
+                         "newlines")
+    return f'parameters {{ key: "{key}" value: {{ string_value: "{text}" }} }}'
+
+
 def config_pbtxt(name: str, tower: Tower, sidecar: Sidecar, backend: str,
-                 precision: Precision, tensorrt: bool = False, instances: int = 1) -> str:
-    """The config.pbtxt text of one endpoint."""
+                 precision: Precision, tensorrt: bool = False, instances: int = 1,
+                 runtime: str = "onnxruntime", runtime_options: dict | None = None) -> str:
+    """The config.pbtxt text of one endpoint.
+
+    Args:
+        runtime, runtime_options: with the python backend, which runtime model.py runs and its
+            string parameters (``runtimes.runtime_options``: intra_op_threads, openvino
+            precision hint and streams, plus anything informative such as ``runtime_choice``).
+
+    Raises:
+        ValueError: unknown backend; a runtime other than onnxruntime on the onnxruntime
+            backend; a parameter value with a quote, backslash or newline.
+    """
     if tower is Tower.IMAGE:
         input_name, dtype = IMAGE_INPUT, "TYPE_UINT8"
         dims = [sidecar.image_size, sidecar.image_size, 3]
@@ -48,7 +68,11 @@ def config_pbtxt(name: str, tower: Tower, sidecar: Sidecar, backend: str,
     ]
     if backend == "python":
         lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
-        lines.append('parameters { key: "intra_op_threads" value: { string_value: "0" } }')
+        params = {"runtime": runtime, "intra_op_threads": "0", **(runtime_options or {})}
+        lines += [_parameter(key, value) for key, value in params.items()]
+    elif runtime != "onnxruntime":
+        raise ValueError(f"runtime {runtime!r} needs --backend python (the onnxruntime backend "
+                         "is onnxruntime itself; NVIDIA's OpenVINO backend: k8s/overlays/cpu)")
     else:
         lines.append(f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]")
         trt_mode = {Precision.FP32: "FP32", Precision.FP16: "FP16"}.get(precision)
@@ -63,9 +87,11 @@ def config_pbtxt(name: str, tower: Tower, sidecar: Sidecar, backend: str,
 
 
 def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend: str = "python",
-                   tensorrt: bool = False, tokenizer_json: Path | None = None) -> Path:
+                   tensorrt: bool = False, tokenizer_json: Path | None = None,
+                   runtime: str = "onnxruntime", runtime_options: dict | None = None) -> Path:
     """Create ``<repository>/<endpoint>/`` with config, model, sidecar (and tokenizer for
-    text towers). Replaces an existing endpoint of the same name."""
+    text towers). Replaces an existing endpoint of the same name. ``runtime`` and
+    ``runtime_options`` go to config.pbtxt (see :func:`config_pbtxt`)."""
     tower, precision = Tower(sidecar.tower), Precision(sidecar.precision)
     name = endpoint_name(sidecar.scale, precision, tower)
     endpoint = Path(repository) / name
@@ -76,7 +102,8 @@ def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend:
     if backend == "python":
         shutil.copyfile(TEMPLATE, endpoint / "1" / "model.py")
     (endpoint / "config.pbtxt").write_text(
-        config_pbtxt(name, tower, sidecar, backend, precision, tensorrt))
+        config_pbtxt(name, tower, sidecar, backend, precision, tensorrt,
+                     runtime=runtime, runtime_options=runtime_options))
     sidecar.write(endpoint)
     if tower is Tower.TEXT:
         if tokenizer_json is None:

@@ -92,6 +92,12 @@ class BenchConfig:
     peer: bool = field(default=True, metadata=_help("benchmark infinity-emb as the peer"))
     peer_dtypes: tuple[str, ...] = field(default=("float32", "int8"), metadata=_help(
         "infinity-emb --dtype values to run (float32 ~ fp32, int8 ~ int8)"))
+    runtime_axis: bool = field(default=True, metadata=_help(
+        "also run each precision under each CPU runtime (onnxruntime, OpenVINO) in process "
+        "at --runtime-batch/--runtime-threads, --ort-seconds each (see runtime_bench)"))
+    runtime_batch: int = field(default=8, metadata=_help("batch of the runtime-axis rows"))
+    runtime_threads: int = field(default=0, metadata=_help(
+        "intra-op threads of the runtime-axis rows (0: all cores, as Triton's model.py)"))
     profile: bool = field(default=True, metadata=_help(
         "profile the gateway with py-spy during one throughput run"))
     matmul_n: int = field(default=2048, metadata=_help("side of the roofline matmul"))
@@ -423,6 +429,16 @@ def ensure_repository(spec: str, precisions: tuple[str, ...], cache: Path, expor
     return path, True
 
 
+_MEASURED_GFLOPS: dict[int, float] = {}  # the run's float32 matmul, by side
+
+
+def config_gflops(config: BenchConfig) -> float:
+    """The float32 matmul GFLOP/s measured at the start of this run (measured now if not)."""
+    if config.matmul_n not in _MEASURED_GFLOPS:
+        _MEASURED_GFLOPS[config.matmul_n] = roofline.attainable_gflops(config.matmul_n, 3.0)
+    return _MEASURED_GFLOPS[config.matmul_n]
+
+
 def machine_info() -> dict:
     model = ""
     try:
@@ -443,7 +459,16 @@ def machine_info() -> dict:
         versions["nvidia-pytriton"] = version("nvidia-pytriton")
     except Exception:  # not installed: reported as absent
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+    from clipserve import cpu as cpu_info
+
+    detected = cpu_info.detect()
+    try:
+        from clipserve.export.runtimes import openvino_version
+        versions["openvino"] = openvino_version()
+    except ImportError:  # the export extra is missing; the runtime axis will say so
+        pass
+    return {"cpu": model, "cpu_info": {**detected.as_dict(), "describe": detected.describe()},
+            "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "loadavg_start": os.getloadavg(),
             "versions": versions}
 
@@ -487,6 +512,19 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
         log(f"  best {ort_result['best_items_per_s']:.1f} items/s at batch "
             f"{ort_result['best_batch']}")
         result["precisions"][p.value] = {"model_bytes": size_bytes, "ort": ort_result}
+    if config.runtime_axis:
+        from clipserve import cpu as cpu_info
+
+        from . import runtime_bench
+
+        files = {p.value: catalog.get(scale, p, Tower.IMAGE).directory / "1" / "model.onnx"
+                 for p in precisions if p in (Precision.FP32, Precision.INT8)}
+        peaks = roofline.precision_peaks(cpu_info.detect(), config_gflops(config))
+        log(f"{scale}: runtime axis at batch {config.runtime_batch}")
+        result["runtime_axis"] = runtime_bench.measure(
+            files, pixels[np.arange(config.runtime_batch) % len(pixels)], config.runtime_threads,
+            config.ort_seconds, flops["total"], peaks, log=log)
+        result["peaks"] = peaks
 
     logs = cache / "logs"
     triton = TritonProcess(repository, log_path=logs / f"triton-{scale}.log")
@@ -611,6 +649,7 @@ def run(config: BenchConfig) -> dict:
                      "models": {}}
     log(f"roofline: {config.matmul_n}x{config.matmul_n} float32 matmul")
     gflops = roofline.attainable_gflops(config.matmul_n, 3.0)
+    _MEASURED_GFLOPS[config.matmul_n] = gflops
     results["roofline"] = {"attainable_gflops": round(gflops, 2), "matmul_n": config.matmul_n}
     log(f"  attainable {gflops:.1f} GFLOP/s")
     for spec in [s.strip() for s in config.models.split(",") if s.strip()]:

@@ -387,6 +387,7 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
         f"{machine.get('cpu') or 'an unknown CPU'} ({machine.get('cores')} cores), Python "
         f"{machine.get('python')}, " + ", ".join(f"{k} {v}" for k, v in
                                                  machine.get("versions", {}).items()) + ".",
+        f"CPU: {machine.get('cpu_info', {}).get('describe', 'flags not recorded')}.",
         f"Load average {load_start:.2f} at the start and {load_end:.2f} at the end"
         + (" (the machine was **not idle**: other work shared the cores, so absolute numbers "
            "are low and noisy; ratios within the run are the meaningful part)."
@@ -471,6 +472,15 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
                              f"gateway @{n} of attainable"],
                             [[p, _f(r.get("ort_gflops")), _pct(r.get("ort_roofline")),
                               _pct(r.get("gateway_roofline"))] for p, r in rows.items()])
+            lines.append("")
+        if model.get("runtime_axis"):
+            from .runtime_bench import table_lines
+
+            lines += [f"Runtime axis (in process, batch {cfg.get('runtime_batch')}, "
+                      f"{cfg.get('runtime_threads') or 'all'} threads; each precision at its own "
+                      "peak: " + "; ".join(f"{p} {v['factor']:g}x fp32 ({v['assumes']})"
+                                          for p, v in model.get("peaks", {}).items()) + "):", ""]
+            lines += table_lines(model["runtime_axis"])
             lines.append("")
         peer = model.get("peer")
         if peer:

@@ -120,3 +120,33 @@ def vit_image_flops(image_size: int, patch: int, width: int, layers: int, embed_
                  + 2 * tokens * width * width         # out projection
                  + 2 * tokens * width * 4 * width * 2)  # MLP up and down
     return patch_embed + layers * per_layer + 2 * width * embed_dim
+
+
+# Peak arithmetic of each precision relative to the float32 FMA peak of the same cores, from
+# what one instruction does per 32-bit lane (the measured float32 matmul stands in for that
+# peak; numpy's BLAS gets within a few percent of it on large squares):
+# - AVX512_BF16 VDPBF16PS: 2 bf16 products accumulated per float32 lane -> 2x.
+# - VNNI VPDPBUSD (AVX512_VNNI / AVX_VNNI): 4 u8 x s8 products per int32 lane -> 4x.
+# - int8 without VNNI: VPMADDUBSW + VPMADDWD (+ add), about 2x at best.
+# - AMX (per core per cycle: TDPBF16PS 1024 bf16 MACs, TDPBSSD 2048 int8 MACs, against 32 fp32
+#   MACs of two AVX-512 FMA ports) -> bf16 16x, int8 32x of the AVX-512 float32 peak.
+# fp16 computes in float32 on CPUs (its weights are converted), so its peak is fp32's; int4
+# (MatMulNBits, accuracy level 4) multiplies int8-quantized activations, so its peak is int8's.
+# These are upper bounds; memory bandwidth and the non-matmul ops keep real graphs below them.
+def precision_peak_factors(cpu) -> dict[str, tuple[float, str]]:
+    """{precision: (factor over the float32 peak, the instruction it assumes)} for
+    :class:`clipserve.cpu.CpuInfo` ``cpu``; see the table above."""
+    if cpu.amx:
+        bf16, int8 = (16.0, "AMX TDPBF16PS"), (32.0, "AMX TDPBSSD")
+    else:
+        bf16 = (2.0, "AVX512_BF16 VDPBF16PS") if cpu.bf16_native else (1.0, "emulated in fp32")
+        int8 = (4.0, "VNNI VPDPBUSD") if cpu.vnni else (2.0, "VPMADDUBSW/VPMADDWD (no VNNI)")
+    return {"fp32": (1.0, "fp32 FMA (measured matmul)"), "fp16": (1.0, "computed in fp32"),
+            "bf16": bf16, "int8": int8, "int4": (int8[0], int8[1] + " on int8 activations")}
+
+
+def precision_peaks(cpu, fp32_gflops: float) -> dict[str, dict]:
+    """Attainable G(FL)OP/s per precision: the measured float32 matmul times
+    :func:`precision_peak_factors`. Returns {precision: {"gflops", "factor", "assumes"}}."""
+    return {p: {"gflops": round(fp32_gflops * f, 2), "factor": f, "assumes": why}
+            for p, (f, why) in precision_peak_factors(cpu).items()}

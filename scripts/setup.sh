@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[export,triton,loadtest,dev]'
+.venv/bin/python -m pip install -q -e '.[export,triton,openvino,loadtest,dev]'
 
 # Prometheus and promtool (Debian's `prometheus` package) for the rule tests
 # (tests/unit/test_prometheus_rules.py) and the Prometheus integration test; those tests skip

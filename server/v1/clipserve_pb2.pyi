@@ -13,6 +13,7 @@ class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRECISION_FP16: _ClassVar[Precision]
     PRECISION_INT8: _ClassVar[Precision]
     PRECISION_INT4: _ClassVar[Precision]
+    PRECISION_BF16: _ClassVar[Precision]
 
 class Tower(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ PRECISION_FP32: Precision
 PRECISION_FP16: Precision
 PRECISION_INT8: Precision
 PRECISION_INT4: Precision
+PRECISION_BF16: Precision
 TOWER_IMAGE: Tower
 TOWER_TEXT: Tower
 EMBEDDING_FORMAT_FLOAT32: EmbeddingFormat

@@ -22,9 +22,10 @@ def test_scale_with_underscore_is_rejected_and_scale_name_fixes_it():
 
 
 def test_unknown_precision_lists_valid_ones():
-    with pytest.raises(ValueError, match="fp32, fp16, int8, int4"):
-        Precision.parse("bf16")
+    with pytest.raises(ValueError, match="fp32, fp16, int8, int4, bf16"):
+        Precision.parse("fp8")
     assert Precision.parse(" INT4 ") is Precision.INT4
+    assert Precision.parse("BF16") is Precision.BF16
 
 
 def test_parse_rejects_foreign_names():

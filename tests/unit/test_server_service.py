@@ -576,7 +576,7 @@ async def test_stream_limits_items_in_flight(repo):
 
 async def test_stream_with_bad_header_fails_the_call(h):
     await fails(collect(h.service, requests(pb.EmbedStreamRequest(id="1", text="x")),
-                        FakeContext([(HEADER_PRECISION, "bf16")])),
+                        FakeContext([(HEADER_PRECISION, "fp8")])),
                 grpc.StatusCode.INVALID_ARGUMENT)
 
 

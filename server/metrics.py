@@ -178,12 +178,14 @@ class ServerMetrics:
 
         # -- live OOD -----------------------------------------------------------------------
         self.ood_score = Histogram(
-            "clipserve_ood_score", "MCM score (max softmax of cos/T) of each image, against "
-            "the label set named by label_set, at the endpoint's fitted temperature.",
+            "clipserve_ood_score", "Live OOD score of each image (higher = more "
+            "in-distribution): the score the endpoint's sidecar names, MCM (max softmax of "
+            "cos/T against the label set named by label_set) unless it names a feature-space "
+            "score (kNN, Mahalanobis); the buckets resolve MCM's [0, 1].",
             [*endpoint, "label_set"], buckets=SCORE_BUCKETS, registry=registry)
         self.ood_flagged = Counter(
-            "clipserve_ood_flagged_total", "Images whose MCM score fell below the endpoint's "
-            "OOD threshold (fitted to keep 95% of in-distribution images).",
+            "clipserve_ood_flagged_total", "Images whose live OOD score fell below the "
+            "endpoint's OOD threshold (fitted to keep >= 95% of in-distribution images).",
             [*endpoint, "label_set"], registry=registry)
         self.ood_unscored = Counter(
             "clipserve_ood_unscored_total", "Images that got no live OOD score, by reason.",

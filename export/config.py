@@ -22,7 +22,45 @@ def _default_cache_dir() -> str:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class EvaluationData:
+    """What the quality of each precision is measured on, and against what budget: shared by
+    ``clipserve export`` and ``clipserve evaluate``."""
+
+    eval_data: str = field(default="", metadata={
+        "help": "labelled image folder (one sub-folder per class; optional labels.json, "
+                "templates.txt): INT8 calibration, temperature, OOD threshold and the report "
+                "use it. Empty: the built-in digits (meaningful only for the built-in models)"})
+    ood_data: str = field(default="", metadata={
+        "help": "unlabelled out-of-distribution folders, NAME=DIR,... (near=DIR, far=DIR name "
+                "their kind); each reported on its own and pooled"})
+    retrieval_data: str = field(default="", metadata={
+        "help": "CSV or JSONL of image path + caption: image->text and text->image recall@k"})
+    shift_data: str = field(default="", metadata={
+        "help": "covariate-shifted labelled folder (same classes as --eval-data, other "
+                "conditions). The built-in digits generate their own"})
+    budget: str = field(default="", metadata={
+        "help": "what each endpoint may lose against FP32, e.g. top1=1.0,ece=0.02 (points for "
+                "accuracies and recall, absolute otherwise). Empty: clipserve.stats defaults"})
+    bootstrap: int = field(default=2000, metadata={
+        "help": "paired bootstrap resamples per interval (>= 1000)"})
+    ood_score: str = field(default="auto", metadata={
+        "help": "live OOD score written to image sidecars: mcm, knn, mahalanobis, or auto (the "
+                "best FP32 pooled AUROC on --ood-data; mcm without OOD data)"})
+
+    def _check_evaluation(self) -> None:
+        if self.bootstrap < 1000:
+            raise ValueError(f"bootstrap needs >= 1000 resamples for a 95% interval, got "
+                             f"{self.bootstrap}")
+        if self.ood_score not in OOD_SCORE_CHOICES:
+            raise ValueError(f"unknown ood score {self.ood_score!r}; valid: "
+                             f"{', '.join(OOD_SCORE_CHOICES)}")
+        from clipserve import stats
+
+        stats.parse_budget(self.budget)  # raises ValueError naming the valid keys
+
+
+@dataclass(frozen=True)
+class ExportConfig(EvaluationData):
     """Everything ``clipserve export`` takes (flags, or ``CLIPSERVE_<FIELD>`` env vars)."""
 
     models: str = field(default="digits-s,digits-m,digits-l", metadata={
@@ -55,29 +93,9 @@ class ExportConfig:
         "help": "batch size of the offline throughput measurement"})
     throughput_seconds: float = field(default=1.0, metadata={
         "help": "seconds per throughput measurement"})
-    eval_data: str = field(default="", metadata={
-        "help": "labelled image folder (one sub-folder per class; optional labels.json, "
-                "templates.txt): INT8 calibration, temperature, OOD threshold and the report "
-                "use it. Empty: the built-in digits (meaningful only for the built-in models)"})
-    ood_data: str = field(default="", metadata={
-        "help": "unlabelled out-of-distribution folders, NAME=DIR,... (near=DIR, far=DIR name "
-                "their kind); each reported on its own and pooled"})
-    retrieval_data: str = field(default="", metadata={
-        "help": "CSV or JSONL of image path + caption: image->text and text->image recall@k"})
-    shift_data: str = field(default="", metadata={
-        "help": "covariate-shifted labelled folder (same classes as --eval-data, other "
-                "conditions). The built-in digits generate their own"})
-    budget: str = field(default="", metadata={
-        "help": "what each endpoint may lose against FP32, e.g. top1=1.0,ece=0.02 (points for "
-                "accuracies and recall, absolute otherwise). Empty: clipserve.stats defaults"})
     seeds: int = field(default=1, metadata={
         "help": "built-in models: train and evaluate this many seeds per size for the scale "
                 "study (seed 0 is the one served)"})
-    bootstrap: int = field(default=2000, metadata={
-        "help": "paired bootstrap resamples per interval (>= 1000)"})
-    ood_score: str = field(default="auto", metadata={
-        "help": "live OOD score written to image sidecars: mcm, knn, mahalanobis, or auto (the "
-                "best FP32 pooled AUROC on --ood-data; mcm without OOD data)"})
 
     def __post_init__(self):
         for p in self.precisions:
@@ -88,15 +106,7 @@ class ExportConfig:
             raise ValueError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIME_CHOICES)}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if self.bootstrap < 1000:
-            raise ValueError(f"bootstrap needs >= 1000 resamples for a 95% interval, got "
-                             f"{self.bootstrap}")
-        if self.ood_score not in OOD_SCORE_CHOICES:
-            raise ValueError(f"unknown ood score {self.ood_score!r}; valid: "
-                             f"{', '.join(OOD_SCORE_CHOICES)}")
-        from clipserve import stats
-
-        stats.parse_budget(self.budget)  # raises ValueError naming the valid keys
+        self._check_evaluation()
         b = self.int4_block_size
         if b < 16 or b & (b - 1):
             raise ValueError(f"int4 block size must be a power of two >= 16, got {b}")
@@ -110,25 +120,11 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(EvaluationData):
     """Everything ``clipserve evaluate`` takes (flags, or ``CLIPSERVE_<FIELD>`` env vars)."""
 
     repository: str = field(default="model_repository", metadata={
         "help": "the Triton model repository written by `clipserve export`"})
-    eval_data: str = field(default="", metadata={
-        "help": "labelled image folder (one sub-folder per class; optional labels.json, "
-                "templates.txt). Empty: the built-in digits"})
-    ood_data: str = field(default="", metadata={
-        "help": "unlabelled out-of-distribution folders, NAME=DIR,... (near=/far= name the kind)"})
-    retrieval_data: str = field(default="", metadata={
-        "help": "CSV or JSONL of image path + caption for recall@k"})
-    shift_data: str = field(default="", metadata={
-        "help": "covariate-shifted labelled folder with the same classes as --eval-data"})
-    budget: str = field(default="", metadata={
-        "help": "what each endpoint may lose against FP32, e.g. top1=1.0,ece=0.02"})
-    bootstrap: int = field(default=2000, metadata={"help": "paired bootstrap resamples"})
-    ood_score: str = field(default="auto", metadata={
-        "help": "live OOD score for --write-sidecars: mcm, knn, mahalanobis or auto"})
     scales: tuple[str, ...] = field(default=(), metadata={
         "help": "comma-separated scales to evaluate. Empty: every scale with FP32 endpoints"})
     write_sidecars: bool = field(default=False, metadata={
@@ -138,11 +134,4 @@ class EvaluateConfig:
         "help": "folder for evaluation.{md,json,png}. Empty: the repository"})
 
     def __post_init__(self):
-        if self.ood_score not in OOD_SCORE_CHOICES:
-            raise ValueError(f"unknown ood score {self.ood_score!r}; valid: "
-                             f"{', '.join(OOD_SCORE_CHOICES)}")
-        if self.bootstrap < 1000:
-            raise ValueError(f"bootstrap needs >= 1000 resamples, got {self.bootstrap}")
-        from clipserve import stats
-
-        stats.parse_budget(self.budget)
+        self._check_evaluation()

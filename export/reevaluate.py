@@ -50,7 +50,7 @@ def _scales(sidecars: dict[str, Sidecar], wanted: tuple[str, ...]) -> list[str]:
 _RUNTIME = re.compile(r'key:\s*"runtime"\s*value:\s*{\s*string_value:\s*"([a-z]+)"')
 
 
-def _session(endpoint: Path, precision: Precision):
+def served_session(endpoint: Path, precision: Precision):
     """The endpoint's model on the runtime its config.pbtxt serves it with (OpenVINO's bf16
     is measured as bf16, not as the FP32 graph under onnxruntime)."""
     from clipserve.export import runtimes
@@ -105,7 +105,7 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
         prompt_ids = ids(t.format(c) for c in labelled.class_names for t in labelled.templates)
         caption_ids = ids(suite.retrieval.captions) if suite.retrieval else None
         probe_ids = evaluate.random_token_ids(text_car.context_length, 64, seed=7)
-        sessions = {key: _session(repository / name, key[0])
+        sessions = {key: served_session(repository / name, key[0])
                     for key, (name, _) in mine.items() if key[0] in precisions}
         native_t = (image_car.evaluation or {}).get("native_temperature")
         log(f"[evaluate] {scale}: {', '.join(p.value for p in precisions)} on {quality.describe_suite(suite)}")

@@ -30,7 +30,11 @@ def test_report_has_one_row_per_precision_and_tower(rows, repository):
     for r in rows:
         assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
         assert r["finite"] is True
-    assert (repository / "report.md").read_text().count("| digits-s |") == len(rows)
+    md = (repository / "report.md").read_text()
+    quality = md[md.index("## Quality"):md.index("\n## ", md.index("## Quality") + 1)]
+    assert quality.count("| digits-s |") == len(rows)
+    verdicts = md[md.index("## Verdict per endpoint"):md.index("## Quality")]
+    assert all(f"| {r['endpoint']} |" in verdicts for r in rows if r["precision"] != "fp32")
     assert (repository / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

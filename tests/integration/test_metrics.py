@@ -363,6 +363,7 @@ def test_label_values_stay_within_their_enums(load):
                    | {r.value for r in Eviction}),
         "result": {"ok", "error", "hit", "miss"} | {r.value for r in OutcomeResult},
         "le": None, "version": None, "api": {"clipserve.v1"},
+        "protocol": {"grpc", "http"},
     }
     seen = set()
     for family in text_string_to_metric_families(load.text):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from clipserve.endpoints import EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Sidecar, Tower
+from clipserve.endpoints import EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Precision, Sidecar, Tower
 from clipserve.export import evaluate
+from clipserve.export.reevaluate import served_session
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,9 @@ def test_every_endpoint_is_ready_and_matches_onnxruntime(repository, triton):
         input_name, array = sample_input(sidecar, batch=3)
         got = infer(client, name, input_name, array)
         assert got.shape == (3, sidecar.embed_dim) and got.dtype == np.float32
-        direct = evaluate.embed(evaluate.make_session(repository / name / "1" / "model.onnx"), array)
+        # The same file on the runtime its config.pbtxt names (onnxruntime or OpenVINO).
+        direct = evaluate.embed(served_session(repository / name, Precision(sidecar.precision)),
+                                array)
         assert evaluate.cosine_to_reference(got, direct).min() >= 0.9999, name
 
 

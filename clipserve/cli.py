@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipserve.server import cli as server_cli; server_cli.add_parser(sub)
     from clipserve.loadtest import cli as loadtest_cli; loadtest_cli.add_parser(sub)
     from clipserve import client_cli; client_cli.add_parsers(sub)
+    from clipserve.loadtest import abreport; abreport.add_parser(sub)
 
     args = parser.parse_args(argv)
     return args.run(args) or 0

@@ -46,6 +46,7 @@ DURATIONS = {"5m": "10s", "15m": "10s", "1d": "10m"}
 FOR = "2s"
 SCRAPE = "1s"
 ID_SECONDS = 25.0  # the 10 s windows are then full of digits when read
+NOISE_MIN_SECONDS = 13.0  # a 10 s window plus scrape and evaluation delays
 NOISE_MAX_SECONDS = 30.0  # the alert must fire within this (it fires after ~3-8 s)
 PAUSE_S = 0.02  # between calls: a steady load that leaves the shared machine some CPU
 PROMETHEUS_LIFETIME_S = 900  # `timeout` ends Prometheus even if this test process is killed
@@ -229,7 +230,9 @@ def observed(repository, triton, tmp_path_factory):
             for p, rate in rates.items():
                 seen["noise_ood"][p] = max(rate, seen["noise_ood"].get(p, 0.0))
             seen["noise_firing"] |= prometheus.firing("ClipserveOODRateJump")
-            if seen["noise_firing"] >= {p.value for p in PRECISIONS}:
+            # Past one full window of noise (so the rate read is the noise's alone) and fired.
+            if (time.monotonic() - start > NOISE_MIN_SECONDS
+                    and seen["noise_firing"] >= {p.value for p in PRECISIONS}):
                 break
         seen["noise_seconds"] = time.monotonic() - start
         seen["calls"] = dict(driver.calls)
@@ -259,6 +262,10 @@ def observed(repository, triton, tmp_path_factory):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        from clipserve.loadtest import abreport
+
+        seen["ab_rows"] = abreport.report(abreport.counts_from_prometheus(prometheus.url, "10m"),
+                                          "fp32")
         seen["rules"] = [rule for group in prometheus.api("rules")["groups"]
                          for rule in group["rules"]]
         yield seen
@@ -326,3 +333,18 @@ def test_every_shipped_rule_was_evaluated_without_error(observed):
     for rule in rules:
         assert rule["health"] == "ok", rule
         assert not rule["lastEvaluation"].startswith("0001-"), rule
+
+
+def test_ab_report_reads_the_arms_from_prometheus(observed):
+    rows = {r["precision"]: r for r in observed["ab_rows"]}
+    row = rows["int8"]  # every exported arm is listed (counters start at 0); int8 had traffic
+    assert row["reference"] == "fp32"
+    # increase() over a window holding the whole run counts from the first scrape, which on
+    # this busy machine comes a few seconds after Prometheus says ready (calls already flow):
+    # most of the images, never more than were sent (+ a second's extrapolation).
+    images = observed["calls"]["int8"] * BATCH
+    assert 0.5 * images <= row["counts"]["ood_scored"] <= 1.05 * images
+    ood = row["ood_flag_rate"]
+    assert ood["low"] <= ood["difference"] <= ood["high"]
+    calls = observed["calls"]["int8"] + 1  # and the warm-up Classify
+    assert 0.5 * calls <= row["counts"]["calls"] <= 1.05 * calls

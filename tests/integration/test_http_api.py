@@ -125,7 +125,11 @@ def test_openai_sdk_embeds_texts_and_images_float_and_base64_equal_grpc(hw):
         assert raw.headers["x-clip-endpoint"] == "digits-s_fp32_image,digits-s_fp32_text"
         assert response.model == "digits-s_fp32_image,digits-s_fp32_text"
         assert [d.index for d in response.data] == list(range(5))
-        got[encoding] = np.array([d.embedding for d in response.data], np.float64)
+        # Asked for explicitly, base64 comes back as the string (the SDK decodes only when
+        # it chose base64 itself, below): little-endian float32, as OpenAI's.
+        got[encoding] = np.array([d.embedding if encoding == "float" else
+                                  np.frombuffer(base64.b64decode(d.embedding), "<f4")
+                                  for d in response.data], np.float64)
         assert response.usage.prompt_tokens > 0
     assert np.array_equal(got["float"], got["base64"])  # same float32 bits both ways
     # The SDK's default (no encoding_format) asks for base64 and decodes it itself.
@@ -377,7 +381,10 @@ def test_classify_and_feedback_over_http(hw, digits_data):
                                   "outcomes": [{"index": 0, "true_label": body["labels"][0]}]})
     assert r.status_code == 409 and r.json()["error"]["code"] == "already_exists"
     r = post(hw, "/v1/feedback", {"request_id": "nope", "outcomes": []})
-    assert r.status_code == 404
+    assert r.status_code == 400 and "outcomes is empty" in r.json()["error"]["message"]
+    r = post(hw, "/v1/feedback", {"request_id": "nope",
+                                  "outcomes": [{"index": 0, "true_label": body["labels"][0]}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
 def test_http_calls_are_counted_with_their_protocol(hw):

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clipserve.calibration import score_ece, score_mcm
 from clipserve.endpoints import Precision, Tower
 from clipserve.server.metrics import (Eviction, LabelSet, Method, OutcomeResult, Phase,
-                                      ShadowDrop, Unscored)
+                                      Protocol, ShadowDrop, Unscored)
 from clipserve.server.live_quality import average_prompts
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
@@ -357,6 +357,7 @@ def test_label_values_stay_within_their_enums(load):
         "precision": precisions, "reference": precisions,
         "code": {c.name for c in grpc.StatusCode}, "tower": {t.value for t in Tower},
         "phase": {p.value for p in Phase}, "label_set": {s.value for s in LabelSet},
+        "protocol": {p.value for p in Protocol},
         "reason": ({r.value for r in Unscored} | {r.value for r in ShadowDrop}
                    | {r.value for r in Eviction}),
         "result": {"ok", "error", "hit", "miss"} | {r.value for r in OutcomeResult},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -430,6 +431,7 @@ def test_client_embeds_decodes_int8_and_retries_only_unavailable(hw, fitted_repo
         with pytest.raises(grpc.RpcError) as info:
             client.embed_texts(["x"], precision="fp8")
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        time.sleep(0.5)  # the server counts a call just after its status goes out
         assert count("INVALID_ARGUMENT") == before + 1  # asked once, not retried
 
 
@@ -447,6 +449,33 @@ def test_client_retries_unavailable_against_a_gateway_without_triton(fitted_repo
             with pytest.raises(grpc.RpcError) as info:
                 client.embed_texts(["x"], timeout_s=10)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert unavailable() == 4  # the first try and three retries
+        # The server counts a call just after its status goes out: wait for the last one.
+        deadline = time.monotonic() + 5
+        while unavailable() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert unavailable() == 4  # the first try and three retries, no more
     finally:
         down.close()
+
+
+def test_embed_and_classify_commands(hw, tmp_path, digits_data):
+    import subprocess
+    import sys
+
+    image = tmp_path / "seven.png"
+    image.write_bytes(digit_pngs(digits_data.test.images[:1])[0])
+    run = [sys.executable, "-m", "clipserve.cli"]
+    out = subprocess.run([*run, "embed", "--target", hw.address, "--precision", "int8",
+                          str(image), "a seven", "a three"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "images: digits-s_int8_image" in out.stdout
+    assert "texts: digits-s_int8_text" in out.stdout and "seven.png" in out.stdout
+    out = subprocess.run([*run, "classify", "--target", hw.address, str(image), "--labels",
+                          "zero,seven"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "seven.png:" in out.stdout and "ood_score" in out.stdout
+    out = subprocess.run([*run, "embed", "--target", hw.address, "--precision", "fp8", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr

@@ -294,7 +294,9 @@ def test_api_keys_and_tls_over_http(fitted_repository, triton, tmp_path, pki):  
                                        api_keys_file=keys, **tls))
     try:
         base = f"https://127.0.0.1:{gateway.gateway.http_port}"
-        verify = str(tmp_path / "ca.pem")
+        import ssl
+
+        verify = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
 
         def call(path, key=None, method="post"):
             headers = {"authorization": f"Bearer {key}"} if key else {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -125,7 +126,11 @@ def test_openai_sdk_embeds_texts_and_images_float_and_base64_equal_grpc(hw):
         assert raw.headers["x-clip-endpoint"] == "digits-s_fp32_image,digits-s_fp32_text"
         assert response.model == "digits-s_fp32_image,digits-s_fp32_text"
         assert [d.index for d in response.data] == list(range(5))
-        got[encoding] = np.array([d.embedding for d in response.data], np.float64)
+        # Asked for explicitly, base64 comes back as the string (the SDK decodes only when
+        # it chose base64 itself, below): little-endian float32, as OpenAI's.
+        got[encoding] = np.array([d.embedding if encoding == "float" else
+                                  np.frombuffer(base64.b64decode(d.embedding), "<f4")
+                                  for d in response.data], np.float64)
         assert response.usage.prompt_tokens > 0
     assert np.array_equal(got["float"], got["base64"])  # same float32 bits both ways
     # The SDK's default (no encoding_format) asks for base64 and decodes it itself.
@@ -289,7 +294,9 @@ def test_api_keys_and_tls_over_http(fitted_repository, triton, tmp_path, pki):  
                                        api_keys_file=keys, **tls))
     try:
         base = f"https://127.0.0.1:{gateway.gateway.http_port}"
-        verify = str(tmp_path / "ca.pem")
+        import ssl
+
+        verify = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
 
         def call(path, key=None, method="post"):
             headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -377,7 +384,10 @@ def test_classify_and_feedback_over_http(hw, digits_data):
                                   "outcomes": [{"index": 0, "true_label": body["labels"][0]}]})
     assert r.status_code == 409 and r.json()["error"]["code"] == "already_exists"
     r = post(hw, "/v1/feedback", {"request_id": "nope", "outcomes": []})
-    assert r.status_code == 404
+    assert r.status_code == 400 and "outcomes is empty" in r.json()["error"]["message"]
+    r = post(hw, "/v1/feedback", {"request_id": "nope",
+                                  "outcomes": [{"index": 0, "true_label": body["labels"][0]}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
 def test_http_calls_are_counted_with_their_protocol(hw):
@@ -423,6 +433,7 @@ def test_client_embeds_decodes_int8_and_retries_only_unavailable(hw, fitted_repo
         with pytest.raises(grpc.RpcError) as info:
             client.embed_texts(["x"], precision="fp8")
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        time.sleep(0.5)  # the server counts a call just after its status goes out
         assert count("INVALID_ARGUMENT") == before + 1  # asked once, not retried
 
 
@@ -440,6 +451,33 @@ def test_client_retries_unavailable_against_a_gateway_without_triton(fitted_repo
             with pytest.raises(grpc.RpcError) as info:
                 client.embed_texts(["x"], timeout_s=10)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert unavailable() == 4  # the first try and three retries
+        # The server counts a call just after its status goes out: wait for the last one.
+        deadline = time.monotonic() + 5
+        while unavailable() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert unavailable() == 4  # the first try and three retries, no more
     finally:
         down.close()
+
+
+def test_embed_and_classify_commands(hw, tmp_path, digits_data):
+    import subprocess
+    import sys
+
+    image = tmp_path / "seven.png"
+    image.write_bytes(digit_pngs(digits_data.test.images[:1])[0])
+    run = [sys.executable, "-m", "clipserve.cli"]
+    out = subprocess.run([*run, "embed", "--target", hw.address, "--precision", "int8",
+                          str(image), "a seven", "a three"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "images: digits-s_int8_image" in out.stdout
+    assert "texts: digits-s_int8_text" in out.stdout and "seven.png" in out.stdout
+    out = subprocess.run([*run, "classify", "--target", hw.address, str(image), "--labels",
+                          "zero,seven"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "seven.png:" in out.stdout and "ood_score" in out.stdout
+    out = subprocess.run([*run, "embed", "--target", hw.address, "--precision", "fp8", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr

@@ -26,7 +26,7 @@ from clipserve.calibration import load_ood_state, score_ece, score_ood
 from clipserve.export.report import read_rows
 from clipserve.endpoints import Precision, Tower
 from clipserve.server.metrics import (Eviction, LabelSet, Method, OutcomeResult, Phase,
-                                      ShadowDrop, Unscored)
+                                      Protocol, ShadowDrop, Unscored)
 from clipserve.server.live_quality import average_prompts
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
@@ -359,6 +359,7 @@ def test_label_values_stay_within_their_enums(load):
         "precision": precisions, "reference": precisions,
         "code": {c.name for c in grpc.StatusCode}, "tower": {t.value for t in Tower},
         "phase": {p.value for p in Phase}, "label_set": {s.value for s in LabelSet},
+        "protocol": {p.value for p in Protocol},
         "reason": ({r.value for r in Unscored} | {r.value for r in ShadowDrop}
                    | {r.value for r in Eviction}),
         "result": {"ok", "error", "hit", "miss"} | {r.value for r in OutcomeResult},

@@ -197,7 +197,8 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             embed_dim=shapes.embed_dim, source=spec.source,
             image_size=shapes.image_size if tower is Tower.IMAGE else None,
             context_length=shapes.context_length if tower is Tower.TEXT else None,
-            quantization=row["quantization"], **fields)
+            quantization=row["quantization"], output_formats=row["output_format_params"],
+            **fields)
         endpoint = repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
             backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json,

@@ -438,6 +438,7 @@ def evaluate_model(*, scale: str, sessions: dict, suite, prompt_ids: np.ndarray,
                    "n_calibration": int(len(suite.labelled.calibration.labels)),
                    **summary(s, suite)}
             row.update(_fidelity(images, classes, p, tower, text_probe))
+            row.update(_output_formats(images[p], text_probe[p], len(prompt_ids), tower))
             if p is not fp32:
                 deltas = paired_deltas(ref, s, suite, n_resamples=n_resamples, seed=seed)
                 row["deltas"] = {m: d.to_dict() for m, d in deltas.items()}
@@ -451,6 +452,24 @@ def evaluate_model(*, scale: str, sessions: dict, suite, prompt_ids: np.ndarray,
             say(f"[eval] {scale} {p.value} {tower.value}: top-1 {row['top1']:.3f} "
                 f"ECE(T) {row['ece_calibrated']:.3f} verdict {row['verdict']['verdict']}")
     return ModelEvaluation(rows=rows, fitted={p: scored[p, Tower.IMAGE] for p in precisions})
+
+
+def _output_formats(images: ImageEmbeddings, text_probe: np.ndarray, n_prompts: int,
+                    tower: Tower) -> dict:
+    """The int8 output ranges this endpoint's sidecar serves with (fitted on calibration
+    images, or on the text probe), and what each output format costs: recall@10 of each
+    format's neighbours against float32's, and bytes per vector (test images searched among
+    calibration images; prompts among the random-id texts)."""
+    from clipserve import formats
+
+    if tower is Tower.IMAGE:
+        queries, corpus = images.test, images.calibration
+    else:
+        queries, corpus = text_probe[:n_prompts], text_probe[n_prompts:]
+    params = formats.fit_output_formats(corpus if tower is Tower.IMAGE else text_probe)
+    return {"output_format_params": params,
+            "output_formats": formats.format_report(queries, corpus, params,
+                                                    k=min(10, len(corpus)))}
 
 
 def _fidelity(images, classes, p, tower, text_probe) -> dict:

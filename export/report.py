@@ -143,6 +143,22 @@ def shift_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def formats_table(rows: list[dict]) -> list[str]:
+    """Recall@k of each embedding output format against float32, and its bytes per vector."""
+    served = [r for r in _order(_served(rows)) if r.get("output_formats")]
+    if not served:
+        return []
+    names = [k for k, v in served[0]["output_formats"].items() if isinstance(v, dict)]
+    k = served[0]["output_formats"]["k"]
+    lines = ["| endpoint | queries x corpus | " + " | ".join(
+        f"{n} recall@{k} (bytes)" for n in names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r in served:
+        f = r["output_formats"]
+        lines.append("| " + " | ".join([r["endpoint"], f"{f['n_queries']} x {f['n_corpus']}"] + [
+            f"{f[n]['recall_at_k']:.3f} ({f[n]['bytes_per_vector']})" for n in names]) + " |")
+    return lines
+
+
 def retrieval_table(rows: list[dict]) -> list[str]:
     keys = [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     served = [r for r in _order(_served(rows)) if any(k in r for k in keys)]
@@ -301,6 +317,10 @@ def notes(rows: list[dict], *, config: dict, budget: dict[str, float]) -> list[s
         "(images: test + OOD sets; texts: prompts + random token ids). items/s: onnxruntime "
         "in-process on this machine's CPU at a fixed batch, all cores; compare ratios within "
         "one run.",
+        "- Output formats: the share of each query's float32 top-10 neighbours that the format "
+        "finds (queries and corpus both in that format): image endpoints search test images "
+        "among calibration images, text endpoints the prompts among random-id texts; int8 uses "
+        "the per-dimension ranges written to the sidecar (`output_formats`).",
         "- Scale study: the same deltas against log10 of the model's parameters; with several "
         "seeds per size the spread across seeds (t interval) shows model-to-model variation, "
         "which item resampling cannot. It can show whether sensitivity changes over the sizes "
@@ -319,7 +339,8 @@ def markdown(rows: list[dict], note_lines: list[str]) -> str:
              *verdict_table(rows), "", "## Quality", "", *quality_table(rows)]
     for title, table in (("OOD detection (AUROC per score)", ood_table(rows)),
                          ("Covariate shift", shift_table(rows)),
-                         ("Retrieval (recall@k; Δ against FP32)", retrieval_table(rows))):
+                         ("Retrieval (recall@k; Δ against FP32)", retrieval_table(rows)),
+                         ("Embedding output formats (vector databases)", formats_table(rows))):
         if table:
             lines += ["", f"## {title}", "", *table]
     if study:

@@ -80,6 +80,10 @@ def test_sidecars_and_layout(repository, rows):
         assert f'name: "{name}"' in config and "dynamic_batching" in config
         sidecar = Sidecar.read(endpoint)
         assert (sidecar.precision, sidecar.tower, sidecar.embed_dim) == (r["precision"], r["tower"], 64)
+        # int8 output ranges fitted at export, and what each output format costs
+        assert len(sidecar.output_formats["int8"]["lo"]) == 64
+        assert r["output_formats"]["float32"]["recall_at_k"] == 1.0
+        assert r["output_formats"]["int8"]["bytes_per_vector"] == 64
         if r["tower"] == "image":
             assert sidecar.image_size == 32 and sidecar.temperature == r["temperature"]
             score = r["live_ood_score"]

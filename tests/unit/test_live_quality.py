@@ -244,6 +244,36 @@ async def test_every_embedded_image_is_scored_against_the_deployment_labels(live
                   reason="labels_pending") == 0
 
 
+async def test_a_repository_without_domain_data_serves_embeddings_but_scores_nothing(repo):
+    """What `clipserve export` writes for a model measured only on the built-in digits: no
+    labels, temperature or threshold. Embeddings are served; live OOD says not calibrated."""
+    import dataclasses
+
+    from clipserve.endpoints import Sidecar
+    from clipserve.export.datasets import builtin_digits_suite
+    from clipserve.export.quality import image_sidecar_fields
+
+    suite = dataclasses.replace(builtin_digits_suite(), domain_measured=False)
+    fields = image_sidecar_fields(suite, {}, Precision.FP32, "mcm", None, "clipserve export")
+    for car_path in repo.glob("*_image/clipserve.json"):
+        dataclasses.replace(Sidecar.read(car_path.parent), **fields).write(car_path.parent)
+    h = Harness(repo)
+    try:
+        response = await h.service.EmbedImages(pb.EmbedImagesRequest(images=[png(), png()]),
+                                               FakeContext())
+        assert len(response.embeddings) == 2
+        assert sample(h, "clipserve_ood_unscored_total", precision="fp32",
+                      reason="not_calibrated") == 2
+        assert not sample(h, "clipserve_ood_score_count", precision="fp32",
+                          label_set="deployment")
+        details = await fails(h.service.Classify(pb.ClassifyRequest(
+            images=[png()], labels=["a", "b"]), FakeContext()),
+            grpc.StatusCode.FAILED_PRECONDITION)
+        assert "clipserve evaluate --repository REPO --eval-data DIR --write-sidecars" in details
+    finally:
+        h.decoder.close()
+
+
 async def test_images_before_the_labels_are_embedded_count_as_unscored(repo):
     h = Harness(repo)  # no background warm-up
     try:

@@ -53,6 +53,6 @@ ENV PATH=/opt/clipserve/bin:${PATH} \
     CLIPSERVE_REPOSITORY=/repository
 USER 10001:10001
 # gRPC API, plaintext health for probes (set CLIPSERVE_HEALTH_PORT), Prometheus /metrics.
-EXPOSE 50051 50052 9464
+EXPOSE 50051 8080 50052 9464
 ENTRYPOINT ["clipserve"]
 CMD ["serve"]

@@ -194,6 +194,7 @@ def test_ports_line_up(overlay):
     assert int(env["CLIPSERVE_PORT"]) == ports["grpc"]
     assert int(env["CLIPSERVE_METRICS_PORT"]) == ports["metrics"]
     assert int(env["CLIPSERVE_HEALTH_PORT"]) == ports["grpc-health"]
+    assert int(env["CLIPSERVE_HTTP_PORT"]) == ports["http"]  # the OpenAI-compatible API
     if "CLIPSERVE_TRITON_METRICS_PORT" in env:  # tritonserver in the pod
         assert int(env["CLIPSERVE_TRITON_METRICS_PORT"]) == ports["triton-metrics"]
     # kubelet's gRPC probe cannot do TLS: it must use the plaintext health port.

@@ -148,15 +148,18 @@ def _requests(batch: int) -> dict[str, object]:
             "Classify": pb.ClassifyRequest(images=images)}
 
 
-async def run(batches=(1, 32), calls: int = 300, warmup: int = 30) -> list[MicroResult]:
+async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
+              outcome_sample_fraction: float = 1.0) -> list[MicroResult]:
     """Measure each method at each batch size; ``calls`` is for batch 1 (fewer for larger
-    batches, so each cell costs about the same)."""
+    batches, so each cell costs about the same). ``outcome_sample_fraction``: the server
+    config's (1.0 stores every call's predictions for ReportOutcome, as by default)."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "repo"
         _write_repository(root)
         catalog = Catalog.from_repository(root)
-        config = ServerConfig(repository=root, max_batch_items=max(batches))
+        config = ServerConfig(repository=root, max_batch_items=max(batches),
+                              outcome_sample_fraction=outcome_sample_fraction)
         decoder = ImageDecoder(config.effective_decode_workers, config.effective_decode_queue,
                                config.max_image_bytes, config.max_image_pixels)
         state = BackendState(True, frozenset(s.name for s in catalog))
@@ -207,18 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="calls per cell at batch 1")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--label", default="", help="a name for this run in the JSON")
+    parser.add_argument("--outcome-sample-fraction", type=float, default=1.0,
+                        help="the server's outcome_sample_fraction (1: store every prediction)")
     args = parser.parse_args(argv)
     batches = tuple(int(b) for b in args.batches.split(","))
     info = cpu.detect()
     load_before = os.getloadavg()
-    results = asyncio.run(run(batches, args.calls))
+    results = asyncio.run(run(batches, args.calls,
+                              outcome_sample_fraction=args.outcome_sample_fraction))
     load_after = os.getloadavg()
     print(f"CPU: {info.model} ({info.cores} cores usable; {info.isa()}); "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps({
-            "label": args.label, "cpu": {"model": info.model, "cores": info.cores,
+            "label": args.label, "outcome_sample_fraction": args.outcome_sample_fraction,
+            "cpu": {"model": info.model, "cores": info.cores,
                                          "flags": sorted(info.flags)},
             "python": sys.version.split()[0],
             "loadavg_before": load_before, "loadavg_after": load_after,

@@ -125,6 +125,11 @@ class ServerConfig:
         "how long a call's predictions are kept for ReportOutcome"))
     outcome_store_mib: int = field(default=64, metadata=_help(
         "memory for predictions kept for ReportOutcome, in MiB; the oldest go first"))
+    outcome_sample_fraction: float = field(default=1.0, metadata=_help(
+        "share of EmbedImages/Classify calls whose predictions are kept for ReportOutcome "
+        "when the call does not say (header x-clip-store-prediction: 1 always keeps, 0 never); "
+        "1: every call, as before; 0: only calls that ask, which saves the store's work on "
+        "every other call"))
     label_cache_mib: int = field(default=64, metadata=_help(
         "memory for cached label text embeddings (live OOD and Classify), in MiB"))
     shadow_fraction: float = field(default=0.0, metadata=_help(
@@ -219,6 +224,9 @@ class ServerConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.outcome_ttl_s <= 0:
             problems.append(f"outcome_ttl_s must be positive, got {self.outcome_ttl_s}")
+        if not 0.0 <= self.outcome_sample_fraction <= 1.0:
+            problems.append(
+                f"outcome_sample_fraction must be 0..1, got {self.outcome_sample_fraction}")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             problems.append(f"shadow_fraction must be 0..1, got {self.shadow_fraction}")
         try:

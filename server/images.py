@@ -28,15 +28,27 @@ from .errors import ServingError
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow format names
 # What Pillow raises for malformed data, besides UnidentifiedImageError (an OSError).
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+# Pillow's own bomb check warns between MAX_IMAGE_PIXELS and twice that (and raises past it);
+# our max_pixels check is the policy, so its warning is noise. The filter is process-wide, set
+# once: warnings.catch_warnings swaps the process's filter list and puts it back on exit, so
+# entered from several decode threads at once it can restore another thread's state (and
+# drop filters set meanwhile by anyone else).
+_BOMB_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+
+
+def install_warnings_policy() -> None:
+    """Ignore Pillow's DecompressionBombWarning process-wide (idempotent). Called when an
+    :class:`ImageDecoder` is made and before each decode, so a caller that reset the filters
+    (a test harness's catch_warnings) gets it back; it only adds the filter when missing."""
+    if _BOMB_FILTER not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _sniff_format(data: bytes) -> str | None:
     """The Pillow format name of data we refuse to decode, for a helpful message."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                return img.format
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
     except Exception:  # anything unreadable just gets the generic message
         return None
 
@@ -81,11 +93,10 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
         raise ServingError.invalid_argument(
             f"{what} is {len(data)} bytes; at most {max_bytes} are accepted")
     supported = ", ".join(SUPPORTED_FORMATS)
+    install_warnings_policy()
     try:
         # Pillow's own bomb check warns (or raises past 2x its limit); ours below is the policy.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         fmt = _sniff_format(data)
         if fmt is not None:
@@ -118,9 +129,7 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
                 f"have {resized_w}x{resized_h} pixels; at most {max_pixels} are accepted "
                 "(crop extreme aspect ratios first)")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
+            img.load()
             if img.mode.startswith("I;16"):
                 # Pillow's RGB conversion clips 16-bit grey at 255, turning most of an image
                 # white; keep the high byte, as Pillow does for 16-bit colour.
@@ -143,6 +152,7 @@ class ImageDecoder:
     """
 
     def __init__(self, workers: int, queue_limit: int, max_bytes: int, max_pixels: int):
+        install_warnings_policy()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._slots = asyncio.Semaphore(max(queue_limit, workers))
         self._max_bytes = max_bytes
@@ -170,6 +180,8 @@ class ImageDecoder:
         """A batch -> uint8 [n, size, size, 3]. Every item is tried; the lowest-numbered failure
         is raised (ServingError), so the message is deterministic. ``waits``: see
         :meth:`decode_one`."""
+        if len(images) == 1:  # one image: no gather and no Task around it
+            return (await self.decode_one(images[0], size, "image 0", waits))[None]
         results = await asyncio.gather(
             *(self.decode_one(data, size, f"image {i}", waits)
               for i, data in enumerate(images)),

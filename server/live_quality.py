@@ -167,6 +167,8 @@ class LabelEmbeddingCache:
         self._failed_at: dict[LabelSetKey, float] = {}
         self._retry_s = retry_s
         self._clock = clock
+        self._hit = metrics.label_cache.labels(result="hit")
+        self._miss = metrics.label_cache.labels(result="miss")
 
     def __len__(self) -> int:
         return len(self._done)
@@ -178,7 +180,7 @@ class LabelEmbeddingCache:
     def peek(self, key: LabelSetKey) -> np.ndarray | None:
         """The embeddings if computed, else None (never waits)."""
         value = self._done.get(key)
-        self._metrics.label_cache.labels(result="miss" if value is None else "hit").inc()
+        (self._miss if value is None else self._hit).inc()
         return value
 
     async def get(self, key: LabelSetKey) -> np.ndarray:
@@ -191,6 +193,11 @@ class LabelEmbeddingCache:
         value = self.peek(key)
         if value is not None:
             return value
+        return await self.compute(key)
+
+    async def compute(self, key: LabelSetKey) -> np.ndarray:
+        """The embeddings of a key :meth:`peek` just missed: joins (or starts) the one
+        computation of ``key`` without counting another lookup. Raises like :meth:`get`."""
         return await asyncio.shield(self._start(key))
 
     def prefetch(self, key: LabelSetKey) -> None:
@@ -503,6 +510,7 @@ class LiveQuality:
                              labels=self.labels, metrics=metrics,
                              max_bytes=settings.shadow_queue_max_bytes, rng=rng)
         self._windows: dict[tuple[str, Precision], CalibrationWindow] = {}
+        self._deployment_keys: dict[str, tuple[EndpointSpec, LabelSetKey | None]] = {}
         metrics.init_endpoints(catalog.targets(Tower.IMAGE))
         self._indexes: dict[LabelSetKey, LabelIndex] = {}  # one per deployment set
         self._ood_states: dict[tuple[str, int], tuple[str, dict]] = {}  # (endpoint, revision)
@@ -510,14 +518,17 @@ class LiveQuality:
 
     # -- OOD scores --------------------------------------------------------------------------
 
-    def ood_scores(self, spec: EndpointSpec, vectors: np.ndarray,
-                   cosines: np.ndarray) -> np.ndarray:
+    def ood_scores(self, spec: EndpointSpec, vectors: np.ndarray, cosines: np.ndarray,
+                   probabilities: np.ndarray | None = None) -> np.ndarray:
         """The endpoint's live OOD score of each image (higher = more in-distribution),
         comparable with ``spec.sidecar.ood_threshold``: MCM over ``cosines`` (the images
         against a label set) at the fitted T, or the sidecar's feature-space score of the
-        embeddings themselves (label-free)."""
+        embeddings themselves (label-free). ``probabilities``: softmax(cosines, T) when the
+        caller computed it already (MCM is its row max, so it is not computed twice)."""
         car = spec.sidecar
         if car.ood_score in (None, "mcm"):
+            if probabilities is not None:
+                return probabilities.max(axis=-1)
             return score_mcm(cosines, car.temperature)
         key = (spec.name, car.revision)
         state = self._ood_states.get(key)
@@ -531,6 +542,16 @@ class LiveQuality:
     def deployment_key(self, spec: EndpointSpec) -> LabelSetKey | None:
         """The in-distribution label set images at ``spec`` are scored against live, or None
         when the endpoint has no fitted temperature/threshold or no label set."""
+        # Asked twice per scored call; the answer depends only on the spec and the settings,
+        # so it is kept per spec object (a reloaded catalog brings new specs).
+        cached = self._deployment_keys.get(spec.name)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        key = self._deployment_key(spec)
+        self._deployment_keys[spec.name] = (spec, key)
+        return key
+
+    def _deployment_key(self, spec: EndpointSpec) -> LabelSetKey | None:
         car = spec.sidecar
         if car.temperature is None or car.ood_threshold is None:
             return None
@@ -577,7 +598,7 @@ class LiveQuality:
                                            len(vectors))
 
     def classified(self, spec: EndpointSpec, key: LabelSetKey, probabilities: np.ndarray,
-                   ood_scores: np.ndarray, request_id: str, pixels: np.ndarray,
+                   ood_scores: np.ndarray, request_id: str | None, pixels: np.ndarray,
                    vectors: np.ndarray) -> None:
         """Record a Classify call's results (see :meth:`record`) and mirror it to the shadow.
         Never raises, like :meth:`score_images`."""
@@ -603,8 +624,9 @@ class LiveQuality:
                                            len(vectors))
         else:
             cosines = vectors.astype(np.float64) @ label_vectors.astype(np.float64).T
-            self.record(spec, key, softmax(cosines, spec.sidecar.temperature),
-                        self.ood_scores(spec, vectors, cosines), request_id)
+            probabilities = softmax(cosines, spec.sidecar.temperature)
+            self.record(spec, key, probabilities,
+                        self.ood_scores(spec, vectors, cosines, probabilities), request_id)
         if pixels is not None:
             self.shadow.submit(spec, pixels, vectors, key)
 
@@ -613,7 +635,8 @@ class LiveQuality:
         """Record one call's predictions by image endpoint ``spec`` over label set ``key``:
         OOD scores and flags, confidences, and (with a request id) the prediction for
         ReportOutcome."""
-        deployment = key == self.deployment_key(spec)
+        deployment_key = self.deployment_key(spec)
+        deployment = key is deployment_key or key == deployment_key
         label_set = LabelSet.DEPLOYMENT if deployment else LabelSet.REQUEST
         self._metrics.observe_ood(spec.scale, spec.precision, label_set, ood_scores,
                                   spec.sidecar.ood_threshold)

@@ -139,6 +139,11 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry, scales: tuple[str, ...]):
         self._scales = frozenset(scales)
+        # Label children by (family, label values), bound on first use and reused: a call's
+        # dozen .labels() lookups (each validates and sorts its keywords) become dict hits.
+        # Label values still come only from enums and the repository's scales, so the cache is
+        # as bounded as the series themselves.
+        self._children: dict[tuple, object] = {}
         endpoint = ["scale", "precision"]
         self.build_info = Gauge(
             "clipserve_build_info", "Always 1; the labels say what is running.",
@@ -265,6 +270,18 @@ class ServerMetrics:
     def _endpoint(self, scale: str, precision: Precision) -> dict[str, str]:
         return {"scale": self._scale(scale), "precision": precision.value}
 
+    def _child(self, family, *values: str):
+        """``family.labels(*values)`` (values in the family's label order), bound once."""
+        key = (family, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
+
+    def in_flight_of(self, method: Method):
+        """The ``clipserve_requests_in_flight`` child of ``method`` (bound once)."""
+        return self._child(self.in_flight, method.value)
+
     # -- traffic ---------------------------------------------------------------------------
 
     def observe_call(self, method: Method, scale: str | None, precision: Precision | None,
@@ -273,50 +290,49 @@ class ServerMetrics:
         """Record one finished call that came in over ``protocol``."""
         scale_label = self._scale(scale)
         precision_label = precision.value if precision is not None else NO_ROUTE
-        self.requests.labels(method=method.value, scale=scale_label, precision=precision_label,
-                             code=code.name, protocol=protocol.value).inc()
-        self.request_duration.labels(method=method.value, scale=scale_label,
-                                     precision=precision_label,
-                                     protocol=protocol.value).observe(seconds)
+        self._child(self.requests, method.value, scale_label, precision_label, code.name,
+                    protocol.value).inc()
+        self._child(self.request_duration, method.value, scale_label, precision_label,
+                    protocol.value).observe(seconds)
 
     def observe_phase(self, method: Method, scale: str, precision: Precision, phase: Phase,
                       seconds: float) -> None:
         """Record how long one part of a routed call took."""
-        self.request_phase.labels(method=method.value, **self._endpoint(scale, precision),
-                                  phase=phase.value).observe(seconds)
+        self._child(self.request_phase, method.value, self._scale(scale), precision.value,
+                    phase.value).observe(seconds)
 
     def observe_items(self, tower: Tower, scale: str, precision: Precision, count: int) -> None:
         """Record ``count`` items embedded by one endpoint."""
-        self.items.labels(tower=tower.value, **self._endpoint(scale, precision)).inc(count)
+        self._child(self.items, tower.value, self._scale(scale), precision.value).inc(count)
 
     def observe_batch(self, tower: Tower, scale: str, precision: Precision, size: int) -> None:
         """Record one request of ``size`` items sent to Triton."""
-        self.batch_size.labels(tower=tower.value,
-                               **self._endpoint(scale, precision)).observe(size)
+        self._child(self.batch_size, tower.value, self._scale(scale),
+                    precision.value).observe(size)
 
     # -- live quality ----------------------------------------------------------------------
 
     def observe_ood(self, scale: str, precision: Precision, label_set: LabelSet,
                     scores: np.ndarray, threshold: float) -> int:
         """Record MCM ``scores`` of a batch of images; returns how many were flagged OOD."""
-        labels = {**self._endpoint(scale, precision), "label_set": label_set.value}
-        histogram = self.ood_score.labels(**labels)
+        values = (self._scale(scale), precision.value, label_set.value)
+        histogram = self._child(self.ood_score, *values)
         for score in np.asarray(scores, dtype=np.float64).tolist():
             histogram.observe(score)
         flagged = int((np.asarray(scores) < threshold).sum())
-        self.ood_flagged.labels(**labels).inc(flagged)
+        self._child(self.ood_flagged, *values).inc(flagged)
         return flagged
 
     def observe_unscored(self, scale: str, precision: Precision, reason: Unscored,
                          count: int) -> None:
-        self.ood_unscored.labels(**self._endpoint(scale, precision),
-                                 reason=reason.value).inc(count)
+        self._child(self.ood_unscored, self._scale(scale), precision.value,
+                    reason.value).inc(count)
 
     def observe_confidence(self, scale: str, precision: Precision, label_set: LabelSet,
                            confidences: np.ndarray) -> None:
         """Record the top-1 probability of each classified image."""
-        histogram = self.confidence.labels(**self._endpoint(scale, precision),
-                                           label_set=label_set.value)
+        histogram = self._child(self.confidence, self._scale(scale), precision.value,
+                                label_set.value)
         for confidence in np.asarray(confidences, dtype=np.float64).tolist():
             histogram.observe(confidence)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +45,19 @@ from .v1 import clipserve_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 HEADER_REQUEST_ID = "x-clip-request-id"  # response: the server's id for the call
+# request: "1" keeps this call's predictions for ReportOutcome, "0" does not; absent: a share
+# outcome_sample_fraction of calls is kept (1.0 by default: all of them).
+HEADER_STORE_PREDICTION = "x-clip-store-prediction"
+_YES, _NO = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
+
+
+async def _within(awaitable: Awaitable, timeout_s: float):
+    """``awaitable``'s result, or TimeoutError after ``timeout_s``. asyncio.timeout (3.11+)
+    cancels in place where wait_for wraps the coroutine in a Task of its own."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, timeout_s)
 
 
 def live_settings(config: ServerConfig) -> LiveSettings:
@@ -151,6 +165,9 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._routing = routing
         self._state = state
         self._rng = rng or random.Random()
+        # pb.Endpoint per endpoint name, built once (keyed with the spec: a reloaded catalog
+        # brings new specs). Messages passed to a constructor are copied, so sharing is safe.
+        self._endpoint_pbs: dict[str, tuple[EndpointSpec, pb.Endpoint]] = {}
         self.live = LiveQuality(catalog=catalog, metrics=metrics, settings=live_settings(config),
                                 compute_labels=self._compute_labels, embed=self._shadow_embed,
                                 rng=random.Random(self._rng.random()))
@@ -219,7 +236,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         code = grpc.StatusCode.OK
         # The HTTP front end passes a context of its own that says so; gRPC's does not.
         protocol = getattr(context, "protocol", Frontend.GRPC)
-        in_flight = self._metrics.in_flight.labels(method=method.value)
+        in_flight = self._metrics.in_flight_of(method)
         in_flight.inc()
         try:
             yield
@@ -239,7 +256,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         call = _Call(deadline=self._call_deadline(context), method=method)
         async with self._observed(method, context, call):
             timeout = call.deadline - asyncio.get_running_loop().time()
-            return await asyncio.wait_for(handler(call), timeout)
+            return await _within(handler(call), timeout)
 
     def _route(self, call: _Call, context, eligible: Callable[[Target], bool]) -> Target:
         scale, precision = route(self._routing(), context.invocation_metadata(),
@@ -294,10 +311,12 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         for i in range(0, len(batch), chunk):
             self._metrics.observe_batch(spec.tower, spec.scale, spec.precision,
                                         len(batch[i:i + chunk]))
-        parts = await asyncio.gather(*(
-            self._backend.embed(spec.name, spec.input_name, batch[i:i + chunk], timeout_s)
-            for i in range(0, len(batch), chunk)))
-        vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(batch) <= chunk:  # one request: no gather, no Task
+            vectors = await self._backend.embed(spec.name, spec.input_name, batch, timeout_s)
+        else:
+            vectors = np.concatenate(await asyncio.gather(*(
+                self._backend.embed(spec.name, spec.input_name, batch[i:i + chunk], timeout_s)
+                for i in range(0, len(batch), chunk))))
         if vectors.shape != (len(batch), spec.sidecar.embed_dim):
             raise RuntimeError(f"{spec.name} returned embeddings of shape {vectors.shape} for "
                                f"{len(batch)} items of dimension {spec.sidecar.embed_dim}")
@@ -354,11 +373,39 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                 f"endpoint {spec.name} cannot encode {fmt.value}: {exc}; re-export the "
                 "repository") from None
 
-    @staticmethod
-    def _endpoint_pb(spec: EndpointSpec) -> pb.Endpoint:
-        return pb.Endpoint(name=spec.name, scale=spec.scale,
-                           precision=precision_to_pb(spec.precision),
-                           tower=tower_to_pb(spec.tower), embed_dim=spec.sidecar.embed_dim)
+    def _endpoint_pb(self, spec: EndpointSpec) -> pb.Endpoint:
+        cached = self._endpoint_pbs.get(spec.name)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        message = pb.Endpoint(name=spec.name, scale=spec.scale,
+                              precision=precision_to_pb(spec.precision),
+                              tower=tower_to_pb(spec.tower), embed_dim=spec.sidecar.embed_dim)
+        self._endpoint_pbs[spec.name] = (spec, message)
+        return message
+
+    def _stored_id(self, call: _Call, context) -> str | None:
+        """The request id to keep this call's predictions under for ReportOutcome, or None
+        when they are not kept: what the caller's x-clip-store-prediction header says, else a
+        share outcome_sample_fraction of calls.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for a header value other than 1/0/true/false/yes/no.
+        """
+        for key, value in context.invocation_metadata() or ():
+            if key == HEADER_STORE_PREDICTION:
+                answer = str(value).strip().lower()
+                if answer in _YES:
+                    return call.request_id
+                if answer in _NO:
+                    return None
+                raise ServingError.invalid_argument(
+                    f"{HEADER_STORE_PREDICTION} is {str(value)[:40]!r}; send 1 (keep this "
+                    "call's predictions for ReportOutcome) or 0")
+        fraction = self._config.outcome_sample_fraction
+        # Draw only for a real share, so the default (1.0) leaves the rng's sequence alone.
+        if fraction >= 1.0 or (fraction > 0.0 and self._rng.random() < fraction):
+            return call.request_id
+        return None
 
     @staticmethod
     async def _announce(context, call: _Call, *specs: EndpointSpec) -> None:
@@ -379,13 +426,14 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
     async def _embed_images(self, request, context, call: _Call) -> pb.EmbedImagesResponse:
         images = list(request.images)
         self._check_batch(images, "images")
+        stored_id = self._stored_id(call, context)
         scale, precision = self._route_towers(call, context, (Tower.IMAGE,))
         spec = self._endpoint(scale, precision, Tower.IMAGE)
         fmt = self._output_format(request, spec)
         await self._announce(context, call, spec)
         pixels = await self._decode(call, spec, images)
         vectors = await self._embed(call, spec, pixels)
-        self.live.score_images(spec, vectors, pixels, call.request_id)
+        self.live.score_images(spec, vectors, pixels, stored_id)
         embeddings = ([pb.Embedding(values=row) for row in vectors.tolist()]
                       if fmt is OutputFormat.FLOAT32 else
                       [pb.Embedding(packed=row) for row in self._pack(spec, vectors, fmt)])
@@ -425,6 +473,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                 raise ServingError.invalid_argument(
                     f"prompt template {i} ({template!r}) has no {LABEL_SLOT} for the label")
             self._check_text(template, f"prompt template {i}")
+        stored_id = self._stored_id(call, context)
         scale, precision = self._route_towers(call, context, (Tower.IMAGE, Tower.TEXT))
         image_spec = self._endpoint(scale, precision, Tower.IMAGE)
         text_spec = self._endpoint(scale, precision, Tower.TEXT)
@@ -451,12 +500,16 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             pixels = await self._decode(call, image_spec, images)
             return pixels, await self._embed(call, image_spec, pixels)
 
-        (pixels, image_emb), label_emb = await asyncio.gather(image_vectors(),
-                                                              self.live.labels.get(key))
+        label_emb = self.live.labels.peek(key)
+        if label_emb is None:  # embed the labels while the images decode
+            (pixels, image_emb), label_emb = await asyncio.gather(
+                image_vectors(), self.live.labels.compute(key))
+        else:
+            pixels, image_emb = await image_vectors()
         cosines = image_emb.astype(np.float64) @ label_emb.astype(np.float64).T
         probabilities = softmax(cosines, sidecar.temperature)
-        ood_scores = self.live.ood_scores(image_spec, image_emb, cosines)
-        self.live.classified(image_spec, key, probabilities, ood_scores, call.request_id, pixels,
+        ood_scores = self.live.ood_scores(image_spec, image_emb, cosines, probabilities)
+        self.live.classified(image_spec, key, probabilities, ood_scores, stored_id, pixels,
                              image_emb)
         results = []
         for probs, ood_score in zip(probabilities, ood_scores):
@@ -571,7 +624,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                      method=stream_call.method, scale=stream_call.scale,
                      precision=stream_call.precision, request_id=stream_call.request_id)
         try:
-            await asyncio.wait_for(self._embed_item(request, call, response), call.remaining())
+            await _within(self._embed_item(request, call, response), call.remaining())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # per-item failure: reported in the item, stream goes on

@@ -21,7 +21,7 @@ from clipserve.server.live_quality import (BoundedStore, CalibrationWindow, Labe
                                            compare_embeddings)
 from clipserve.server.metrics import Eviction, ServerMetrics
 from clipserve.server.routing import HEADER_PRECISION
-from clipserve.server.service import HEADER_REQUEST_ID
+from clipserve.server.service import HEADER_REQUEST_ID, HEADER_STORE_PREDICTION
 from clipserve.server.v1 import clipserve_pb2 as pb
 from tests.unit.test_server_service import (LABELS, SCALE, SIZE, TEMPERATURE, THRESHOLD,
                                             FakeContext, FakeTokenizer, Harness, fails,
@@ -445,6 +445,40 @@ async def test_report_outcome_errors(live):
     await fails(h.service.ReportOutcome(outcome_request(rid, (0, "red")), FakeContext()),
                 grpc.StatusCode.ALREADY_EXISTS)
     assert h.count("ReportOutcome", "NOT_FOUND", precision="none", scale="none") == 1
+
+
+async def test_predictions_are_stored_only_when_asked_with_a_zero_sample_fraction(live):
+    h = await live(outcome_sample_fraction=0.0)
+    colors = [png(c) for c in COLORS[:2]]
+    quiet = await h.service.Classify(pb.ClassifyRequest(images=colors, labels=LABELS),
+                                     FakeContext())
+    asked = await h.service.Classify(pb.ClassifyRequest(images=colors, labels=LABELS),
+                                     FakeContext([(HEADER_STORE_PREDICTION, "1")]))
+    embedded = await h.service.EmbedImages(pb.EmbedImagesRequest(images=colors),
+                                           FakeContext([(HEADER_STORE_PREDICTION, "true")]))
+    assert len(h.service.live.outcomes) == 2
+    await fails(h.service.ReportOutcome(outcome_request(quiet.request_id, (0, LABELS[0])),
+                                        FakeContext()), grpc.StatusCode.NOT_FOUND)
+    for response in (asked, embedded):
+        reply = await h.service.ReportOutcome(
+            outcome_request(response.request_id, (0, LABELS[0])), FakeContext())
+        assert reply.accepted == 1
+    # Live OOD and confidence are recorded for every call, stored or not.
+    assert sample(h, "clipserve_confidence_count", precision="fp32",
+                  label_set="request") == 4
+
+
+async def test_the_store_header_can_opt_out_and_rejects_other_values(live):
+    h = await live()  # default: every call stored
+    request = pb.ClassifyRequest(images=[png()], labels=LABELS)
+    await h.service.Classify(request, FakeContext([(HEADER_STORE_PREDICTION, "0")]))
+    assert len(h.service.live.outcomes) == 0
+    message = await fails(h.service.Classify(
+        request, FakeContext([(HEADER_STORE_PREDICTION, "maybe")])),
+        grpc.StatusCode.INVALID_ARGUMENT)
+    assert HEADER_STORE_PREDICTION in message and "'maybe'" in message
+    await h.service.Classify(request, FakeContext())
+    assert len(h.service.live.outcomes) == 1
 
 
 async def test_predictions_expire_and_the_store_stays_within_its_budget(live):

@@ -108,3 +108,46 @@ async def test_decoder_batches_and_names_the_first_bad_item():
         assert info.value.message.startswith("image 2 ")
     finally:
         decoder.close()
+
+
+def test_decode_threads_leave_the_warning_filters_alone(monkeypatch):
+    # Pillow warns for images past MAX_IMAGE_PIXELS; lower it so every decode below takes
+    # that path. catch_warnings inside decode threads would swap warnings.filters under this
+    # thread's feet (and could restore a stale list); the process-wide policy never does.
+    import threading
+    import warnings
+
+    from clipserve.server.images import install_warnings_policy
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12x12 = 144: warns, below 2x
+    data = encode(noise(12, 12), "PNG")
+    install_warnings_policy()
+    before = list(warnings.filters)
+    stop, seen, failures = threading.Event(), [], []
+
+    def decode_many():
+        try:
+            for _ in range(200):
+                assert preprocess(data, 8, max_bytes=1 << 20, max_pixels=1 << 20).shape == (
+                    8, 8, 3)
+        except Exception as exc:  # surfaced below
+            failures.append(exc)
+
+    def watch():
+        while not stop.is_set():
+            now = list(warnings.filters)
+            if now != before:
+                seen.append(now)
+
+    watcher = threading.Thread(target=watch)
+    workers = [threading.Thread(target=decode_many) for _ in range(8)]
+    watcher.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not failures
+    assert not seen, f"warnings.filters changed {len(seen)} times during decoding"
+    assert list(warnings.filters) == before

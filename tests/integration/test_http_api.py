@@ -242,8 +242,13 @@ def test_body_not_json_is_400_and_too_large_is_413(hw, fitted_repository, triton
         small.close()
 
 
-def test_int8_without_fitted_ranges_is_400_naming_the_fix(repository, triton):
-    plain = GatewayThread(config_for(repository, triton.grpc_url, http_port=0))
+def test_int8_without_fitted_ranges_is_400_naming_the_fix(repository, triton, tmp_path):
+    # The export fits int8 ranges into every sidecar; a repository from before it did not.
+    old = tmp_path / "repo"
+    shutil.copytree(repository, old, ignore=shutil.ignore_patterns("model.onnx*"))
+    for path in old.glob("*/clipserve.json"):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), output_formats={})))
+    plain = GatewayThread(config_for(old, triton.grpc_url, http_port=0))
     try:
         url = f"http://127.0.0.1:{plain.gateway.http_port}/v1/embeddings"
         r = httpx.post(url, json={"input": "x", "output_format": "int8"},

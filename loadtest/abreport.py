@@ -9,10 +9,14 @@ reference arm's (difference with a Newcombe hybrid-score interval), shadow top-1
 the reference (Wilson interval), the ECE gauge and mean latency (no interval: histograms carry
 no variance). Intervals come from scipy (``binomtest(...).proportion_ci``, Wilson).
 
-Not here yet: the safe / unsafe / inconclusive verdict and budget flags of the offline report,
-and the traffic needed to settle an inconclusive arm. They belong to the shared statistics
-module (``clipserve/stats.py``, paired bootstrap and verdict rule) written separately; this
-module only reads counters and computes the intervals.
+Each arm gets the offline report's verdict rule (``clipserve.stats.verdict``): a metric is
+safe when its whole interval stays within the budget, unsafe when even the interval's best end
+breaks it, inconclusive otherwise, with an estimate of the traffic that would settle it; the
+arm's verdict is unsafe if any metric is, safe only if all are. The live budget
+(``--budget``, LIVE_BUDGET_ITEMS) covers what live counters can judge: ReportOutcome accuracy,
+shadow top-1 agreement and the OOD-flag rate (two-sided: an arm that flags much less is as
+suspect as one that flags much more). ECE and latency are shown, not judged: the ECE gauge
+and latency histograms carry no variance.
 """
 
 from __future__ import annotations
@@ -26,11 +30,23 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
+from clipserve import stats
 from clipserve.config import add_flags, from_args
 from clipserve.endpoints import Precision
 
 _WINDOW = re.compile(r"^\d+[smhdw]$")
+
+# What an arm may lose against the reference arm, in percentage points of a proportion.
+LIVE_BUDGET_ITEMS = MappingProxyType({
+    "accuracy": stats.BudgetItem(1.0, True, True,
+                                 "ReportOutcome top-1 accuracy, points lost"),
+    "agreement": stats.BudgetItem(5.0, True, True,
+                                  "shadow top-1 agreement with the reference, points below 100"),
+    "flag_rate": stats.BudgetItem(2.0, True, False,
+                                  "live OOD-flag rate, points moved either way"),
+})
 
 
 def _help(text: str) -> dict:
@@ -49,6 +65,9 @@ class AbReportConfig:
     reference: str = field(default="fp32", metadata=_help(
         "the precision every other arm is compared against"))
     confidence: float = field(default=0.95, metadata=_help("interval confidence level"))
+    budget: str = field(default="", metadata=_help(
+        "allowed harm per live metric, KEY=POINTS,...; keys: " + ", ".join(
+            f"{k} ({v.meaning}, default {v.default:g})" for k, v in LIVE_BUDGET_ITEMS.items())))
     json: str = field(default="", metadata=_help("also write the rows as JSON to this file"))
 
     def __post_init__(self):
@@ -63,6 +82,10 @@ class AbReportConfig:
             problems.append(str(exc))
         if not 0 < self.confidence < 1:
             problems.append(f"confidence must be in (0, 1), got {self.confidence}")
+        try:
+            stats.parse_budget(self.budget, items=LIVE_BUDGET_ITEMS)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("invalid ab-report config: " + "; ".join(problems))
 
@@ -207,11 +230,61 @@ def difference(k1: float, n1: float, k2: float, n2: float,
     d = p1 - p2
     low = d - math.sqrt((p1 - a[0]) ** 2 + (b[1] - p2) ** 2)
     high = d + math.sqrt((a[1] - p1) ** 2 + (p2 - b[0]) ** 2)
-    return {"arm": p1, "reference": p2, "difference": d, "low": low, "high": high}
+    return {"arm": p1, "reference": p2, "difference": d, "low": low, "high": high,
+            "n": min(n1, n2)}
 
 
-def report(arms: dict[Arm, ArmCounts], reference: str, confidence: float = 0.95) -> list[dict]:
-    """One row per non-reference arm that has a reference arm of its scale."""
+def _delta(metric: str, d: dict, higher_is_better: bool, confidence: float) -> stats.Delta:
+    return stats.Delta(metric=metric, reference=d["reference"], value=d["arm"],
+                       delta=d["difference"], lo=d["low"], hi=d["high"], n=int(d["n"]),
+                       higher_is_better=higher_is_better, confidence=confidence)
+
+
+def _judged(results: list[stats.VerdictResult], n: int) -> dict:
+    """One metric's verdict from one (one-sided) or two (two-sided) budget lines, with the
+    traffic per arm that would settle it when inconclusive."""
+    combined = stats.verdict_of_many(results)
+    needed = [r.items_needed for r in results
+              if r.verdict is stats.Verdict.INCONCLUSIVE and r.items_needed is not None]
+    total = max(needed) if combined is stats.Verdict.INCONCLUSIVE and needed else None
+    return {"verdict": combined.value, "budget": results[0].budget, "n": n,
+            "worst": results[0].worst, "best": results[0].best,
+            "items_needed": total, "more_needed": None if total is None else total - n}
+
+
+def judge(row: dict, budget: dict[str, float], confidence: float = 0.95) -> dict:
+    """The arm's per-metric verdicts and overall verdict under the live ``budget``
+    (LIVE_BUDGET_ITEMS keys, points). Metrics without traffic are left out; an arm with none
+    judged gets verdict ``no data``."""
+    verdicts = {}
+    if row["accuracy"] is not None:
+        delta = _delta("accuracy", row["accuracy"], True, confidence)
+        verdicts["accuracy"] = _judged([stats.verdict(delta, budget["accuracy"], points=True)],
+                                       delta.n)
+    agree = row["shadow_agreement"]
+    if agree is not None:
+        delta = stats.Delta(metric="agreement", reference=1.0, value=agree["rate"],
+                            delta=agree["rate"] - 1.0, lo=agree["low"] - 1.0,
+                            hi=agree["high"] - 1.0, n=int(agree["images"]),
+                            higher_is_better=True, confidence=confidence)
+        verdicts["agreement"] = _judged([stats.verdict(delta, budget["agreement"], points=True)],
+                                        delta.n)
+    if row["ood_flag_rate"] is not None:
+        rise = _delta("flag_rate", row["ood_flag_rate"], False, confidence)
+        drop = _delta("flag_rate", row["ood_flag_rate"], True, confidence)
+        verdicts["flag_rate"] = _judged(
+            [stats.verdict(rise, budget["flag_rate"], points=True),
+             stats.verdict(drop, budget["flag_rate"], points=True)], rise.n)
+    overall = (stats.verdict_of_many(v["verdict"] for v in verdicts.values()).value
+               if verdicts else "no data")
+    return {"verdict": overall, "verdicts": verdicts}
+
+
+def report(arms: dict[Arm, ArmCounts], reference: str, confidence: float = 0.95,
+           budget: dict[str, float] | None = None) -> list[dict]:
+    """One row per non-reference arm that has a reference arm of its scale, judged against
+    ``budget`` (LIVE_BUDGET_ITEMS' defaults when None)."""
+    budget = stats.parse_budget("", items=LIVE_BUDGET_ITEMS) if budget is None else budget
     rows = []
     for (scale, precision), a in sorted(arms.items()):
         ref = arms.get((scale, reference))
@@ -233,6 +306,7 @@ def report(arms: dict[Arm, ArmCounts], reference: str, confidence: float = 0.95)
                                           if ref.calls else None),
             "counts": asdict(a),
         })
+        rows[-1].update(judge(rows[-1], budget, confidence))
     return rows
 
 
@@ -246,12 +320,16 @@ def _diff(d: dict | None) -> str:
 def format_rows(rows: list[dict], confidence: float, source: str) -> str:
     if not rows:
         return f"no arm to compare (need the reference and another precision) in {source}"
-    lines = [f"Live A/B from {source} ({100 * confidence:g}% intervals; verdicts need "
-             f"clipserve.stats, not merged yet)"]
+    lines = [f"Live A/B from {source} ({100 * confidence:g}% intervals; a metric is safe when "
+             f"its whole interval is within budget, unsafe when none of it is)"]
     for r in rows:
         agree = r["shadow_agreement"]
         lines += [
-            f"{r['scale']} {r['precision']} vs {r['reference']}:",
+            f"{r['scale']} {r['precision']} vs {r['reference']}: {r['verdict'].upper()}",
+            *(f"  {name:<15} {v['verdict']} (budget {v['budget']:g} points)"
+              + (f": about {v['more_needed']} more per arm would settle it"
+                 if v["more_needed"] is not None else "")
+              for name, v in r["verdicts"].items()),
             f"  OOD-flag rate   {_diff(r['ood_flag_rate'])}",
             f"  accuracy        {_diff(r['accuracy'])}",
             "  shadow top-1    " + ("no shadow traffic" if agree is None else
@@ -286,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"clipserve ab-report: {exc}", file=sys.stderr)
         return 2
-    rows = report(arms, Precision.parse(config.reference).value, config.confidence)
+    rows = report(arms, Precision.parse(config.reference).value, config.confidence,
+                  stats.parse_budget(config.budget, items=LIVE_BUDGET_ITEMS))
     print(format_rows(rows, config.confidence, source))
     if config.json:
         Path(config.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -87,3 +87,66 @@ def test_config_is_validated(changes, fragment):
         abreport.AbReportConfig(**changes)
     assert abreport.AbReportConfig().is_gateway
     assert not abreport.AbReportConfig(metrics="http://prom:9090").is_gateway
+
+
+def test_verdict_flags_the_broken_arm_and_says_what_would_settle_the_rest():
+    (row,) = abreport.report(abreport.counts_from_text(page()), "fp32")
+    v = row["verdicts"]
+    # 30% vs 5% flagged over 200 images each: even the interval's best end moves >2 points.
+    assert v["flag_rate"]["verdict"] == "unsafe"
+    # -10 points over 100 outcomes each: the interval reaches past -1 point at its best end?
+    acc = row["accuracy"]
+    expected = ("unsafe" if acc["high"] < -0.01 else "inconclusive")
+    assert v["accuracy"]["verdict"] == expected
+    # 45/50 agreement: Wilson [0.79, 0.96] straddles the 95% line: undecided, with an estimate.
+    assert v["agreement"]["verdict"] == "inconclusive"
+    assert v["agreement"]["more_needed"] > 0
+    assert row["verdict"] == "unsafe"
+    text = abreport.format_rows([row], 0.95, "test")
+    assert "int8 vs fp32: UNSAFE" in text and "more per arm would settle it" in text
+
+
+def test_flag_rate_is_judged_both_ways():
+    # An arm that flags far LESS than the reference is as suspect as one that flags more.
+    arms = {("s", "fp32"): abreport.ArmCounts(ood_flagged=300, ood_scored=1000),
+            ("s", "int8"): abreport.ArmCounts(ood_flagged=20, ood_scored=1000)}
+    (row,) = abreport.report(arms, "fp32")
+    assert row["verdicts"]["flag_rate"]["verdict"] == "unsafe"
+    arms["s", "int8"] = abreport.ArmCounts(ood_flagged=300, ood_scored=1000)
+    (row,) = abreport.report(arms, "fp32")
+    # Identical counts, 1000 each: +-4 points of interval, more than the 2-point budget.
+    assert row["verdicts"]["flag_rate"]["verdict"] == "inconclusive"
+    assert row["verdict"] == "inconclusive"
+
+
+def test_identical_arms_are_unsafe_no_more_often_than_the_intervals_allow():
+    # Both arms draw from the same rates; 'unsafe' needs the whole interval past the budget
+    # line, which a 95% interval does on under 2.5% of draws per metric and side.
+    rng = np.random.default_rng(1)
+    unsafe, trials = 0, 400
+    for _ in range(trials):
+        n = int(rng.integers(200, 5000))
+        arms = {}
+        for p in ("fp32", "int8"):
+            flagged, correct = rng.binomial(n, 0.05), rng.binomial(n, 0.9)
+            arms["s", p] = abreport.ArmCounts(ood_flagged=flagged, ood_scored=n,
+                                              correct=correct, incorrect=n - correct,
+                                              shadow_images=n,
+                                              shadow_agreements=rng.binomial(n, 0.99))
+        (row,) = abreport.report(arms, "fp32")
+        unsafe += row["verdict"] == "unsafe"
+    assert unsafe / trials <= 0.025
+
+
+def test_budget_is_validated_and_used():
+    with pytest.raises(ValueError, match="unknown budget key 'top1'"):
+        abreport.AbReportConfig(budget="top1=1")
+    arms = {("s", "fp32"): abreport.ArmCounts(correct=900, incorrect=100),
+            ("s", "int8"): abreport.ArmCounts(correct=880, incorrect=120)}
+    strict = abreport.report(arms, "fp32", budget={"accuracy": 0.0, "agreement": 5,
+                                                   "flag_rate": 2})
+    loose = abreport.report(arms, "fp32", budget={"accuracy": 10.0, "agreement": 5,
+                                                  "flag_rate": 2})
+    assert strict[0]["verdicts"]["accuracy"]["verdict"] == "inconclusive"
+    assert loose[0]["verdicts"]["accuracy"]["verdict"] == "safe"
+    assert set(loose[0]["verdicts"]) == {"accuracy"}  # no shadow, no OOD scores: not judged

@@ -1,5 +1,5 @@
 """The main job, end to end: export the default models at every precision, start Triton and the
-gateway (``clipserve serve``), send real gRPC requests at two precisions chosen by header, and
+gateway (``clipserve serve``), send real gRPC requests (clipserve.client) at two precisions chosen by header, and
 show the metrics page. Run it with ``bash scripts/demo.sh``.
 
 Environment: DEMO_MODELS (default: the three built-in digits scales), DEMO_REPOSITORY
@@ -8,7 +8,6 @@ Environment: DEMO_MODELS (default: the three built-in digits scales), DEMO_REPOS
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -19,12 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
-from clipserve.server.v1 import clipserve_pb2 as pb
-from clipserve.server.v1 import clipserve_pb2_grpc as pb_grpc
+from clipserve.client import Client
 
 MODELS = os.environ.get("DEMO_MODELS", "digits-s,digits-m,digits-l")
 REPOSITORY = Path(os.environ.get("DEMO_REPOSITORY", "model_repository"))
@@ -36,12 +32,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def wait_serving(channel, process, timeout_s: float = 600) -> None:
@@ -60,13 +50,10 @@ def wait_serving(channel, process, timeout_s: float = 600) -> None:
     sys.exit("gateway did not become SERVING in time")
 
 
-def call(method, request, precision):
-    metadata = (("x-clip-scale", SCALE), ("x-clip-precision", precision))
+def timed(method, *args, **kwargs):
     start = time.perf_counter()
-    response, call_info = method.with_call(request, metadata=metadata, timeout=30)
-    elapsed_ms = (time.perf_counter() - start) * 1000
-    served_by = dict(call_info.initial_metadata()).get("x-clip-endpoint")
-    return response, served_by, elapsed_ms
+    result = method(*args, scale=SCALE, **kwargs)
+    return result, (time.perf_counter() - start) * 1000
 
 
 def main() -> int:
@@ -85,8 +72,8 @@ def main() -> int:
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         wait_serving(channel, server)
-        embed = pb_grpc.EmbeddingServiceStub(channel)
-        classify = pb_grpc.ClassificationServiceStub(channel)
+        channel.close()
+        client = Client(f"127.0.0.1:{port}", timeout_s=30)  # clipserve.client: numpy out
         data = digits.load(32)
         seven = data.test.images[data.test.labels == 7][0]
         text = "a handwritten seven."
@@ -95,14 +82,11 @@ def main() -> int:
               f"(scale {SCALE})", flush=True)
         vectors = {}
         for precision in PRECISIONS:
-            image, image_ep, image_ms = call(embed.EmbedImages, pb.EmbedImagesRequest(
-                images=[png(seven)]), precision)
-            texts, text_ep, text_ms = call(embed.EmbedTexts, pb.EmbedTextsRequest(
-                texts=[text]), precision)
-            vectors[precision] = (np.array(image.embeddings[0].values),
-                                  np.array(texts.embeddings[0].values))
-            print(f"  {precision}: EmbedImages served by {image_ep} in {image_ms:.1f} ms, "
-                  f"EmbedTexts served by {text_ep} in {text_ms:.1f} ms, "
+            image, image_ms = timed(client.embed_images, [seven], precision=precision)
+            texts, text_ms = timed(client.embed_texts, [text], precision=precision)
+            vectors[precision] = (image.vectors[0], texts.vectors[0])
+            print(f"  {precision}: EmbedImages served by {image.endpoint} in {image_ms:.1f} ms, "
+                  f"EmbedTexts served by {texts.endpoint} in {text_ms:.1f} ms, "
                   f"cos(image, text) = {vectors[precision][0] @ vectors[precision][1]:.3f}")
         (ia, ta), (ib, tb) = vectors[PRECISIONS[0]], vectors[PRECISIONS[1]]
         print(f"  {PRECISIONS[1]} vs {PRECISIONS[0]}: image cosine {ia @ ib:.5f}, "
@@ -113,16 +97,16 @@ def main() -> int:
                 "noise/textures (far-OOD)": (data.ood_far[:20], None)}
         for precision in PRECISIONS:
             for what, (images, labels) in sets.items():
-                result, ep, ms = call(classify.Classify, pb.ClassifyRequest(
-                    images=[png(x) for x in images]), precision)
-                flagged = sum(r.out_of_distribution for r in result.results)
-                line = (f"  Classify 20 {what:25s} via {ep}: flagged OOD {flagged:2d}/20 "
-                        f"(threshold {result.ood_threshold:.2f}, {ms:.0f} ms)")
+                result, ms = timed(client.classify, list(images), precision=precision)
+                flagged = int(result.out_of_distribution.sum())
+                line = (f"  Classify 20 {what:25s} via {result.endpoint}: flagged OOD "
+                        f"{flagged:2d}/20 (threshold {result.ood_threshold:.2f}, {ms:.0f} ms)")
                 if labels is not None:
                     names = [digits.CLASS_NAMES[c] for c in labels]
-                    correct = sum(r.top_label == n for r, n in zip(result.results, names))
+                    correct = sum(t == n for t, n in zip(result.top_labels, names))
                     line += f", top-1 {correct}/20"
                 print(line)
+        client.close()
 
         print(f"\n== 4. metrics (http://127.0.0.1:{metrics_port}/metrics), clipserve_ series "
               "with a value", flush=True)

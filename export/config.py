@@ -78,7 +78,9 @@ class ExportConfig(EvaluationData):
         "help": "Triton backend: 'python' (onnxruntime in Triton's Python backend; runs on the "
                 "CPU tritonserver of nvidia-pytriton) or 'onnxruntime' (NVIDIA's GPU images)"})
     tensorrt: bool = field(default=False, metadata={
-        "help": "with --backend onnxruntime: enable the TensorRT accelerator where it applies"})
+        "help": "with --backend onnxruntime: enable the TensorRT accelerator where it applies; "
+                "int8 endpoints then get TensorRT-ready symmetric int8 Q/DQ graphs (zero "
+                "points 0, convolutions included, float biases)"})
     runtime: str = field(default="auto", metadata={
         "help": "with --backend python: the CPU runtime of each endpoint: 'onnxruntime', "
                 "'openvino', or 'auto' (measure both per precision on this machine, keep the "
@@ -102,6 +104,9 @@ class ExportConfig(EvaluationData):
             Precision.parse(p)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.tensorrt and self.backend != "onnxruntime":
+            raise ValueError("--tensorrt applies to NVIDIA's onnxruntime backend: add "
+                             f"--backend onnxruntime (got --backend {self.backend})")
         if self.runtime not in RUNTIME_CHOICES:
             raise ValueError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIME_CHOICES)}")
         if self.seeds < 1:

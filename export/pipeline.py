@@ -68,6 +68,14 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
             elif precision is Precision.INT4:
                 variants[precision, tower] = (dst, quantize.to_int4(
                     optimized, dst, block_size=config.int4_block_size))
+            elif precision is Precision.INT8 and config.tensorrt:
+                # TensorRT's explicit int8 mode takes only symmetric Q/DQ: the one candidate.
+                info = quantize.to_int8_tensorrt(
+                    optimized, dst, evaluate.make_session(optimized).get_inputs()[0].name,
+                    _calibration_batches(probe))
+                say(f"{tower.value} int8: TensorRT-ready symmetric Q/DQ ({', '.join(info['ops'])}"
+                    f"); quality measured on onnxruntime's CPU provider")
+                variants[precision, tower] = (dst, info)
             elif precision is Precision.INT8:
                 candidates = {
                     "int8-dynamic": (work / f"int8dyn_{tower.value}.onnx", None),

@@ -174,6 +174,90 @@ def to_int8_static(src: Path, dst: Path, input_name: str,
             "reduce_range": reduce_range, "activations": "uint8 per-tensor, calibrated (percentile 99.99)", "ops": INT8_OPS}
 
 
+# TensorRT builds int8 engines from explicit Q/DQ only when both sides are symmetric int8
+# (zero point 0) and fuses a DequantizeLinear into the layer it feeds; the patch/stem
+# convolutions are quantized too (TensorRT has int8 Conv kernels; onnxruntime's CPU path keeps
+# them float, see INT8_OPS). Embedding Gathers stay float: TensorRT does not take int8 Gather.
+TENSORRT_INT8_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+def to_int8_tensorrt(src: Path, dst: Path, input_name: str,
+                     calibration: Iterable[np.ndarray]) -> dict:
+    """Int8 Q/DQ for TensorRT: int8 activations and weights, both symmetric (zero point 0),
+    weights per channel, full range, activation ranges calibrated (99.99th percentile) on
+    ``calibration``. The graph also runs on onnxruntime's CPU provider (S8S8), which is how
+    the export measures its quality; the throughput that matters is TensorRT's, on a GPU."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([{input_name: batch} for batch in calibration])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    with _quiet_ort():
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=False,
+                        op_types_to_quantize=TENSORRT_INT8_OPS,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": 99.99, "ActivationSymmetric": True,
+                                       "WeightSymmetric": True,
+                                       # TensorRT takes float biases, not int32 Q/DQ ones
+                                       "QuantizeBias": False})
+    _require_quantized(dst, "QuantizeLinear", "int8 (TensorRT)")
+    problems = tensorrt_qdq_problems(onnx.load(dst))
+    if problems:
+        raise QuantizationError("int8 (TensorRT): the graph is not TensorRT-ready: "
+                                + "; ".join(problems[:5]))
+    return {"method": "int8-tensorrt-qdq", "weights": "int8 per-channel, symmetric",
+            "reduce_range": False,
+            "activations": "int8 per-tensor, symmetric, calibrated (percentile 99.99)",
+            "biases": "float", "ops": TENSORRT_INT8_OPS}
+
+
+def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
+    """What keeps a Q/DQ graph from TensorRT's explicit int8 mode: a Q/DQ whose zero point is
+    not int8 0 (an int32 one is a quantized bias, which TensorRT takes only as float), or a
+    MatMul/Gemm/Conv with a constant weight whose inputs do not all come
+    through a DequantizeLinear. Empty list: ready."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = node.attribute[0].t
+    producer = {out: node for node in graph.node for out in node.output}
+    problems = []
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if len(node.input) < 3 or node.input[2] not in constants:
+                problems.append(f"{node.name}: no constant zero point")
+                continue
+            zp = constants[node.input[2]]
+            values = numpy_helper.to_array(zp)
+            if zp.data_type != onnx.TensorProto.INT8 or np.any(values != 0):
+                problems.append(f"{node.name}: zero point {values.ravel()[:3]} of type "
+                                f"{onnx.TensorProto.DataType.Name(zp.data_type)}, not int8 0")
+        elif node.op_type in TENSORRT_INT8_OPS:
+            inputs = node.input[:2]
+            weight = inputs[1] if len(inputs) > 1 else ""
+            source = producer.get(weight)
+            weight_is_constant = weight in constants or (
+                source is not None and source.op_type == "DequantizeLinear"
+                and source.input[0] in constants)
+            if not weight_is_constant:
+                continue  # activation x activation (attention scores): TensorRT keeps float
+            for name in inputs:
+                feeder = producer.get(name)
+                if feeder is None or feeder.op_type != "DequantizeLinear":
+                    problems.append(f"{node.op_type} {node.name}: input {name} not dequantized")
+    return problems
+
+
 def to_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK_SIZE,
             accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict:
     """Weight-only 4-bit (RTN, symmetric) blocks for constant-weight MatMuls and embedding

@@ -76,7 +76,10 @@ def config_pbtxt(name: str, tower: Tower, sidecar: Sidecar, backend: str,
     else:
         lines.append(f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]")
         trt_mode = {Precision.FP32: "FP32", Precision.FP16: "FP16"}.get(precision)
-        if precision is Precision.INT8 and sidecar.quantization.get("method") == "int8-static-qdq":
+        # TensorRT's explicit int8 takes symmetric Q/DQ only (quantize.to_int8_tensorrt);
+        # the CPU recipes (uint8 activations, or dynamic MatMulInteger) run on the CUDA EP.
+        if precision is Precision.INT8 and sidecar.quantization.get("method") == \
+                "int8-tensorrt-qdq":
             trt_mode = "INT8"
         if tensorrt and trt_mode:
             lines.append(

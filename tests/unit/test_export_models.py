@@ -50,3 +50,6 @@ def test_config_rejects_bad_precision_backend_and_block_size():
         ExportConfig(backend="tensorflow")
     with pytest.raises(ValueError, match="power of two"):
         ExportConfig(int4_block_size=24)
+    with pytest.raises(ValueError, match="add --backend onnxruntime"):
+        ExportConfig(tensorrt=True)
+    assert ExportConfig(backend="onnxruntime", tensorrt=True).tensorrt

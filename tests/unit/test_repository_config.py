@@ -30,9 +30,13 @@ def test_onnxruntime_platform_with_tensorrt_only_where_tensorrt_runs_the_graph()
                            tensorrt=True)
     assert "tensorrt" not in dynamic
     assert 'name: "input_ids" data_type: TYPE_INT32 dims: [77]' in dynamic
+    # The CPU's static recipe has uint8 (asymmetric) activations, which TensorRT rejects.
     qdq = Sidecar(**{**TEXT.__dict__, "quantization": {"method": "int8-static-qdq"}})
-    assert '"precision_mode" value: "INT8"' in config_pbtxt(
+    assert "tensorrt" not in config_pbtxt(
         "ViT-B-32_int8_text", Tower.TEXT, qdq, "onnxruntime", Precision.INT8, tensorrt=True)
+    trt = Sidecar(**{**TEXT.__dict__, "quantization": {"method": "int8-tensorrt-qdq"}})
+    assert '"precision_mode" value: "INT8"' in config_pbtxt(
+        "ViT-B-32_int8_text", Tower.TEXT, trt, "onnxruntime", Precision.INT8, tensorrt=True)
 
 
 def test_unknown_backend():

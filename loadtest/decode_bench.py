@@ -238,6 +238,68 @@ def run(sizes: list[tuple[int, int]], model_size: int = 224, rounds: int = 7, re
     return results, extra
 
 
+@dataclass
+class DispatchResult:
+    """How ImageDecoder hands a call's images to threads, for one kind of call."""
+
+    images: str  # "32x32 PNG x1"
+    dispatch: str  # "job per image" (before issue 10), "job per call", "inline"
+    cpu_us_per_call: float  # every thread of the process
+    cpu_ratio: float  # to "job per image"
+
+
+def time_dispatch(calls: int = 300, workers: int = 2) -> list[DispatchResult]:
+    """CPU us per ImageDecoder call: one pool job per image (what the gateway did before), the
+    current one job per call (inline budget off), and the current default (tiny calls inline).
+    The digits-s case: 32x32 PNGs to 32 px, batch 1 and 32, and 640x480 JPEGs at batch 8."""
+    import asyncio
+
+    from clipserve.loadtest.workload import builtin_images
+    from clipserve.server.images import ImageDecoder
+
+    async def per_image(decoder, images, size):  # the old dispatch: gather of one job each
+        return np.stack(await asyncio.gather(*(decoder.decode_one(d, size, f"image {i}")
+                                               for i, d in enumerate(images))))
+
+    async def measure():
+        found = []
+        photo = benchmark_images(640, 480)["photo-temple"]
+        cases = [("32x32 PNG x1", builtin_images(1, 32), 32, calls),
+                 ("32x32 PNG x32", builtin_images(32, 32), 32, max(10, calls // 32)),
+                 ("640x480 JPEG x8", [photo] * 8, 224, max(5, calls // 50))]
+        pool = ImageDecoder(workers, 8 * workers, **LIMITS, inline_bytes=0)
+        default = ImageDecoder(workers, 8 * workers, **LIMITS)
+        try:
+            for label, images, size, n in cases:
+                variants = [("job per image", lambda: per_image(pool, images, size)),
+                            ("job per call", lambda: pool.decode(images, size)),
+                            ("default (inline when tiny)", lambda: default.decode(images, size))]
+                cpu_us = {}
+                for name, call in variants * 3:  # interleaved; the last round counts
+                    await call()
+                    started = time.process_time()
+                    for _ in range(n):
+                        await call()
+                    cpu_us[name] = (time.process_time() - started) * 1e6 / n
+                for name, _ in variants:
+                    found.append(DispatchResult(label, name, round(cpu_us[name], 1), round(
+                        cpu_us[name] / cpu_us["job per image"], 3)))
+        finally:
+            pool.close()
+            default.close()
+        return found
+
+    return asyncio.run(measure())
+
+
+def dispatch_table(results: list[DispatchResult]) -> str:
+    lines = [f"{'images':<16} {'dispatch':<27} {'cpu us/call':>11} {'vs per image':>12}"]
+    for r in results:
+        lines.append(f"{r.images:<16} {r.dispatch:<27} {r.cpu_us_per_call:>11.1f} "
+                     f"{r.cpu_ratio:>12.2f}")
+    return "\n".join(lines)
+
+
 def table(results: list[PathResult]) -> str:
     lines = [f"{'path':<18} {'image':>9} {'cpu ms':>7} {'vs exact':>8} {'max |dpx|':>9} "
              f"{'mean |dpx|':>10} {'cos min':>9} {'cos mean':>9}"]
@@ -278,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     info = cpu.detect()
     load_before = os.getloadavg()
     results, extra = run(sizes, args.model_size, args.rounds, args.reps, not args.no_fidelity)
+    dispatch = time_dispatch()
     load_after = os.getloadavg()
     print(f"CPU: {info.model} ({info.cores} cores usable; {info.isa()}); "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
@@ -287,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra["between_images_cosine_max"]:
         print("cosine between different images' exact embeddings, max: "
               + ", ".join(f"{k}: {v:.4f}" for k, v in extra["between_images_cosine_max"].items()))
+    print(dispatch_table(dispatch))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -294,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": {"model": info.model, "cores": info.cores, "flags": sorted(info.flags)},
             "python": sys.version.split()[0], "versions": _versions(),
             "loadavg_before": load_before, "loadavg_after": load_after,
-            "results": [asdict(r) for r in results], **extra}, indent=2) + "\n")
+            "results": [asdict(r) for r in results],
+            "dispatch": [asdict(r) for r in dispatch], **extra}, indent=2) + "\n")
     return 0
 
 

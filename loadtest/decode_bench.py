@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-size", type=int, default=224, help="model input side S")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=3, help="passes over the images per round")
+    parser.add_argument("--dispatch-calls", type=int, default=300,
+                        help="calls per cell of the dispatch table at batch 1")
     parser.add_argument("--no-fidelity", action="store_true",
                         help="skip the embedding cosine (no torch/open_clip needed)")
     args = parser.parse_args(argv)
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     info = cpu.detect()
     load_before = os.getloadavg()
     results, extra = run(sizes, args.model_size, args.rounds, args.reps, not args.no_fidelity)
-    dispatch = time_dispatch()
+    dispatch = time_dispatch(args.dispatch_calls)
     load_after = os.getloadavg()
     print(f"CPU: {info.model} ({info.cores} cores usable; {info.isa()}); "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")

@@ -157,7 +157,8 @@ class _Base:
     def __init__(self, target: str, api_key: str | None = None, *, tls: bool = False,
                  root_certificates: bytes | None = None,
                  client_certificate: bytes | None = None, client_key: bytes | None = None,
-                 timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.1):
+                 timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.1,
+                 pack_float32: bool = True):
         from clipserve.server.v1 import clipserve_pb2 as pb
 
         self._pb = pb
@@ -169,6 +170,7 @@ class _Base:
         self.backoff_s = backoff_s
         self._rng = random.Random()
         self._ranges: dict[str, dict] = {}  # endpoint name -> output_formats (int8 ranges)
+        self.pack_float32 = pack_float32
 
     def _md(self, precision, scale, routing_key):
         return _metadata(self._api_key, precision, scale, routing_key)
@@ -178,15 +180,21 @@ class _Base:
         value = self._pb.EmbeddingFormat.Value(f"EMBEDDING_FORMAT_{fmt.name}")
         if kind == "image":
             return fmt, self._pb.EmbedImagesRequest(images=[image_bytes(i) for i in items],
-                                                    format=value)
+                                                    format=value, pack_float32=self.pack_float32)
         if isinstance(items, str):
             raise TypeError("embed_texts takes a list of strings, not one string")
-        return fmt, self._pb.EmbedTextsRequest(texts=list(items), format=value)
+        return fmt, self._pb.EmbedTextsRequest(texts=list(items), format=value,
+                                               pack_float32=self.pack_float32)
 
     def _embeddings(self, response, fmt: OutputFormat, ranges: dict | None) -> Embeddings:
         dim = response.endpoint.embed_dim
         rows = list(response.embeddings)
-        if fmt is OutputFormat.FLOAT32:
+        if fmt is OutputFormat.FLOAT32 and response.embeddings_f32:
+            # pack_float32 (a server without it ignores the request field and fills values)
+            # (copied: frombuffer over bytes is read-only, and callers may normalise in place)
+            vectors = np.frombuffer(response.embeddings_f32, "<f4").reshape(-1, dim).copy()
+            packed = []
+        elif fmt is OutputFormat.FLOAT32:
             vectors = np.array([list(e.values) for e in rows], np.float32).reshape(-1, dim)
             packed = []
         else:
@@ -253,6 +261,9 @@ class Client(_Base):
         timeout_s: default deadline per call, retries included.
         retries: UNAVAILABLE retries per call.
         backoff_s: first backoff (doubles each retry, full jitter).
+        pack_float32: ask for float32 embeddings as one packed bytes field (decoded with
+            numpy.frombuffer, no Python float per dimension on either side); False: the
+            per-row ``repeated float values``. Same vectors either way.
     """
 
     def __init__(self, target: str, api_key: str | None = None, **kwargs):

@@ -46,7 +46,10 @@ IMAGE_SIZE = 32  # digits-s's input side
 CONTEXT = 16
 MAX_BATCH = 32
 LABELS = [str(i) for i in range(10)]
-METHODS = ("EmbedImages", "EmbedTexts", "Classify")
+# "+packed": the same call with pack_float32 (embeddings as one bytes field, issue 10).
+METHODS = ("EmbedImages", "EmbedImages+packed", "EmbedTexts", "EmbedTexts+packed", "Classify")
+# The client's share: parse the serialized response and decode it as clipserve.client does.
+CLIENT_METHODS = ("client:EmbedImages", "client:EmbedImages+packed")
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class _Context:
 
 async def _measure(service: ClipService, method: str, request, calls: int,
                    warmup: int) -> tuple[float, float]:
-    handler = getattr(service, method)
+    handler = getattr(service, method.split("+")[0])
     for _ in range(warmup):
         await handler(request, _Context())
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -144,8 +147,28 @@ def _requests(batch: int) -> dict[str, object]:
     images = (builtin_images(batch, IMAGE_SIZE, seed=0) * batch)[:batch]
     texts = [f"a photo of the digit {i}" for i in range(batch)]
     return {"EmbedImages": pb.EmbedImagesRequest(images=images),
+            "EmbedImages+packed": pb.EmbedImagesRequest(images=images, pack_float32=True),
             "EmbedTexts": pb.EmbedTextsRequest(texts=texts),
+            "EmbedTexts+packed": pb.EmbedTextsRequest(texts=texts, pack_float32=True),
             "Classify": pb.ClassifyRequest(images=images)}
+
+
+async def _measure_client(service: ClipService, request, calls: int) -> tuple[float, float]:
+    """CPU and wall us per call of the client's decode of one EmbedImages response."""
+    from clipserve.client import Client
+    from clipserve.formats import OutputFormat
+
+    wire = (await service.EmbedImages(request, _Context())).SerializeToString()
+    client = Client("127.0.0.1:1")  # its decode only; the channel never connects
+    try:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(calls):
+            client._embeddings(pb.EmbedImagesResponse.FromString(wire), OutputFormat.FLOAT32,
+                               None)
+        return ((time.process_time() - cpu0) / calls * 1e6,
+                (time.perf_counter() - wall0) / calls * 1e6)
+    finally:
+        client.close()
 
 
 async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
@@ -185,6 +208,11 @@ async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
                                                      max(3, warmup // batch))
                     results.append(MicroResult(method, batch, n, round(cpu_us, 1),
                                                round(cpu_us / batch, 1), round(wall_us, 1)))
+                for method in CLIENT_METHODS:
+                    cpu_us, wall_us = await _measure_client(
+                        service, requests[method.removeprefix("client:")], 10 * n)
+                    results.append(MicroResult(method, batch, 10 * n, round(cpu_us, 1),
+                                               round(cpu_us / batch, 1), round(wall_us, 1)))
         finally:
             background.cancel()
             await asyncio.gather(background, return_exceptions=True)
@@ -194,26 +222,31 @@ async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
 
 def table(results: list[MicroResult]) -> str:
     """Results as a fixed-width text table."""
-    lines = [f"{'method':<12} {'batch':>5} {'calls':>6} {'cpu us/call':>12} {'cpu us/item':>12} "
+    lines = [f"{'method':<26} {'batch':>5} {'calls':>6} {'cpu us/call':>12} {'cpu us/item':>12} "
              f"{'wall us/call':>13}"]
     for r in results:
-        lines.append(f"{r.method:<12} {r.batch:>5} {r.calls:>6} {r.cpu_us_per_call:>12.1f} "
+        lines.append(f"{r.method:<26} {r.batch:>5} {r.calls:>6} {r.cpu_us_per_call:>12.1f} "
                      f"{r.cpu_us_per_item:>12.1f} {r.wall_us_per_call:>13.1f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the microbenchmark, print the table, optionally write JSON."""
+    global DIM  # --dim sets the fake endpoints' width for this run
     parser = argparse.ArgumentParser(prog="python -m clipserve.loadtest.micro",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results and machine here")
     parser.add_argument("--calls", type=int, default=300, help="calls per cell at batch 1")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--label", default="", help="a name for this run in the JSON")
+    parser.add_argument("--dim", type=int, default=DIM,
+                        help="embedding dimension of the fake endpoints (64: digits-s, "
+                             "512: ViT-B-32)")
     parser.add_argument("--outcome-sample-fraction", type=float, default=1.0,
                         help="the server's outcome_sample_fraction (1: store every prediction)")
     args = parser.parse_args(argv)
     batches = tuple(int(b) for b in args.batches.split(","))
+    DIM = args.dim
     info = cpu.detect()
     load_before = os.getloadavg()
     results = asyncio.run(run(batches, args.calls,
@@ -225,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "label": args.label, "outcome_sample_fraction": args.outcome_sample_fraction,
+            "dim": args.dim,
             "cpu": {"model": info.model, "cores": info.cores,
                                          "flags": sorted(info.flags)},
             "python": sys.version.split()[0],

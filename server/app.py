@@ -179,7 +179,8 @@ class Gateway:
 
         self._decoder = ImageDecoder(config.effective_decode_workers,
                                      config.effective_decode_queue, config.max_image_bytes,
-                                     config.max_image_pixels)
+                                     config.max_image_pixels,
+                                     reduced_jpeg=config.reduced_jpeg_decode)
         service = ClipService(config=config, catalog=catalog, backend=self._backend,
                               decoder=self._decoder, tokenizers=tokenizers, metrics=metrics,
                               routing=lambda: self.routing.policy,

@@ -94,7 +94,13 @@ class ServerConfig:
     decode_workers: int = field(default=0, metadata=_help(
         "threads decoding and resizing images; 0: one per CPU"))
     decode_queue: int = field(default=0, metadata=_help(
-        "images waiting for a decode thread before further calls wait; 0: 8 per worker"))
+        "decode jobs (one per call, or one per worker for a large batch) waiting for a "
+        "thread before further calls wait; 0: 8 per worker"))
+    reduced_jpeg_decode: bool = field(default=True, metadata=_help(
+        "decode JPEGs at least twice the model input on both sides at 1/2, 1/4 or 1/8 scale "
+        "(libjpeg DCT scaling) before the bicubic resize: about half the decode CPU of a "
+        "640x480 photo at 224 px, embeddings at cosine >= 0.999 to the exact path "
+        "(BENCHMARKS.md, issue 10); off: every image takes the exact open_clip transform"))
     stream_concurrency: int = field(default=64, metadata=_help(
         "items of one EmbedStream call in flight at once (the rest wait: backpressure)"))
     request_timeout_s: float = field(default=30.0, metadata=_help(

@@ -5,9 +5,19 @@ resize the shortest side to S with bicubic filtering, centre-crop S x S, convert
 order and with torchvision's rounding, so the gateway feeds Triton the same pixels the export
 measured quality on. EXIF orientation is ignored, as open_clip does.
 
+Reduced-scale JPEG decode (``reduced_jpeg``, on by default; ``--no-reduced-jpeg-decode`` or
+``CLIPSERVE_REDUCED_JPEG_DECODE=0`` turns it off): a JPEG at least twice the model input on
+both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling, Pillow's
+``Image.draft``), never below the input side S; the bicubic resize then maps the reduced image
+onto the exact path's geometry and computes only the centre crop. A 640x480 photo to 224 px
+decodes at 320x240 for about half the CPU of the exact path, its embedding at cosine >= 0.999
+to the exact one (``python -m clipserve.loadtest.decode_bench``,
+tests/unit/test_image_fidelity.py). Other formats, and JPEGs under 2 S, take the exact path.
+
 Decoding is CPU work that would stall every other call on the event loop, so
-:class:`ImageDecoder` runs it in a bounded thread pool (Pillow releases the GIL while decoding
-and resampling).
+:class:`ImageDecoder` runs a call's images as one job in a bounded thread pool (Pillow releases
+the GIL while decoding and resampling); a call whose images are all tiny (a few KiB, few
+pixels) is decoded inline, where a thread hop would cost more than the decode.
 """
 
 from __future__ import annotations
@@ -60,6 +70,23 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+def _reduced_resize_center_crop(img: Image.Image, size: int, source: tuple[int, int],
+                                box: tuple[float, float, float, float]) -> np.ndarray:
+    """:func:`resize_center_crop` of an image decoded at reduced scale: ``source`` is the
+    file's full size and ``box`` where that full extent lies in ``img`` (``Image.draft``'s
+    answer). The resize maps ``img`` onto the exact path's geometry and computes only the
+    crop: ``resize(box=crop)`` gives the same sample positions and filter support as resizing
+    everything and cropping after (equal to within 1 grey level on <0.1% of values)."""
+    width, height = source
+    new_w, new_h = _resized_size(width, height, size)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    sx, sy = box[2] / new_w, box[3] / new_h  # reduced-image pixels per resized pixel
+    crop = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=crop)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     """Shortest side to ``size`` (bicubic), centre crop, RGB: uint8 array [size, size, 3]."""
     width, height = img.size
@@ -73,8 +100,14 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+class Deferred(Exception):
+    """Raised by :func:`preprocess` with ``defer_above_pixels`` for an image with more pixels
+    than that: the caller was decoding inline and should hand the image to a thread."""
+
+
 def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
-               what: str = "image") -> np.ndarray:
+               what: str = "image", reduced_jpeg: bool = True,
+               defer_above_pixels: int | None = None) -> np.ndarray:
     """Decode one encoded image and preprocess it to uint8 [size, size, 3].
 
     Args:
@@ -83,9 +116,14 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
         max_bytes: largest accepted ``len(data)``.
         max_pixels: largest accepted width*height, read from the header before decoding.
         what: how messages name the item ("image 3").
+        reduced_jpeg: decode a JPEG at least 2 S on both sides at a reduced scale (see the
+            module docstring); False: always the exact path.
+        defer_above_pixels: raise :class:`Deferred` after the header checks when the image has
+            more pixels than this (inline decoding's budget); None: no limit.
 
     Raises:
         ServingError: INVALID_ARGUMENT for empty, oversized, unsupported or corrupt data.
+        Deferred: see ``defer_above_pixels``.
     """
     if not data:
         raise ServingError.invalid_argument(f"{what} is empty")
@@ -128,8 +166,16 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
                 f"{what} is {width}x{height}: with its short side resized to {size} it would "
                 f"have {resized_w}x{resized_h} pixels; at most {max_pixels} are accepted "
                 "(crop extreme aspect ratios first)")
+        if defer_above_pixels is not None and width * height > defer_above_pixels:
+            raise Deferred(what)
         try:
+            # libjpeg DCT scaling: at most 1/8, keeping both sides >= size. None when the file
+            # cannot be drafted (several tiles); a box of the full size when no scale fits.
+            drafted = (img.draft(img.mode, (size, size))
+                       if reduced_jpeg and img.format == "JPEG" else None)
             img.load()
+            if drafted is not None and img.size != (width, height):
+                return _reduced_resize_center_crop(img, size, (width, height), drafted[1])
             if img.mode.startswith("I;16"):
                 # Pillow's RGB conversion clips 16-bit grey at 255, turning most of an image
                 # white; keep the high byte, as Pillow does for 16-bit colour.
@@ -142,54 +188,106 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
 
 
 class ImageDecoder:
-    """Preprocess batches of images in a bounded thread pool, off the event loop.
+    """Preprocess a call's images off the event loop: one thread-pool job per call.
+
+    A thread hop costs more than decoding a tiny image, and one job per image costs a hop
+    each: so a call whose encoded images total at most ``inline_bytes`` is decoded on the
+    calling thread (the event loop) as long as each image has at most ``inline_pixels``
+    pixels (read from its header; the first larger one sends itself and the rest to the
+    pool), and any other call is one pool job, or ``workers`` jobs of consecutive images when
+    it has more images than that, so one large batch still uses every decode thread.
 
     Args:
         workers: threads decoding at once.
-        queue_limit: images submitted but not finished before further ones wait (keeps a
-            flood of calls from queueing unbounded work and memory).
+        queue_limit: jobs submitted but not finished before further ones wait (keeps a flood
+            of calls from queueing unbounded work and memory).
         max_bytes, max_pixels: per-image limits, see :func:`preprocess`.
+        reduced_jpeg: reduced-scale JPEG decode, see :func:`preprocess`.
+        inline_bytes, inline_pixels: the inline budget above (0: never inline).
     """
 
-    def __init__(self, workers: int, queue_limit: int, max_bytes: int, max_pixels: int):
+    def __init__(self, workers: int, queue_limit: int, max_bytes: int, max_pixels: int, *,
+                 reduced_jpeg: bool = True, inline_bytes: int = 16 * 1024,
+                 inline_pixels: int = 128 * 128):
         install_warnings_policy()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self._slots = asyncio.Semaphore(max(queue_limit, workers))
+        self._workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="decode")
+        self._slots = asyncio.Semaphore(max(queue_limit, self._workers))
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
+        self._reduced_jpeg = reduced_jpeg
+        self._inline_bytes = inline_bytes
+        self._inline_pixels = inline_pixels
+
+    def _preprocess(self, data: bytes, size: int, what: str,
+                    defer_above_pixels: int | None = None) -> np.ndarray:
+        return preprocess(data, size, max_bytes=self._max_bytes, max_pixels=self._max_pixels,
+                          what=what, reduced_jpeg=self._reduced_jpeg,
+                          defer_above_pixels=defer_above_pixels)
+
+    def _decode_run(self, images: Sequence[bytes], first: int, size: int,
+                    names: Sequence[str] | None) -> list[np.ndarray]:
+        """images[i] for i in order (a pool job); the first failure ends the job."""
+        return [self._preprocess(data, size, names[first + i] if names else
+                                 f"image {first + i}")
+                for i, data in enumerate(images)]
+
+    async def _in_pool(self, images: Sequence[bytes], first: int, size: int,
+                       names: Sequence[str] | None, waits: list[float] | None
+                       ) -> list[np.ndarray]:
+        queued = time.perf_counter()
+
+        def job() -> list[np.ndarray]:
+            if waits is not None:
+                waits.append(time.perf_counter() - queued)  # list.append is thread-safe
+            return self._decode_run(images, first, size, names)
+
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, job)
 
     async def decode_one(self, data: bytes, size: int, what: str = "image",
                          waits: list[float] | None = None) -> np.ndarray:
         """One image -> uint8 [size, size, 3]; raises ServingError (INVALID_ARGUMENT) whose
         message names the item as ``what``. With ``waits``, appends the seconds the image
-        waited for a slot and a thread before its decoding started (for metrics)."""
-        queued = time.perf_counter()
-
-        def work() -> np.ndarray:
-            if waits is not None:
-                waits.append(time.perf_counter() - queued)  # list.append is thread-safe
-            return preprocess(data, size, max_bytes=self._max_bytes,
-                              max_pixels=self._max_pixels, what=what)
-
-        async with self._slots:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, work)
+        waited for a slot and a thread before its decoding started (for metrics; 0 when
+        decoded inline)."""
+        return (await self._decode([data], size, [what], waits))[0]
 
     async def decode(self, images: Sequence[bytes], size: int,
                      waits: list[float] | None = None) -> np.ndarray:
-        """A batch -> uint8 [n, size, size, 3]. Every item is tried; the lowest-numbered failure
-        is raised (ServingError), so the message is deterministic. ``waits``: see
+        """A batch -> uint8 [n, size, size, 3]. The lowest-numbered failure is raised
+        (ServingError, naming "image i"), so the message is deterministic. ``waits``: see
         :meth:`decode_one`."""
-        if len(images) == 1:  # one image: no gather and no Task around it
-            return (await self.decode_one(images[0], size, "image 0", waits))[None]
+        return np.stack(await self._decode(images, size, None, waits))
+
+    async def _decode(self, images: Sequence[bytes], size: int, names: Sequence[str] | None,
+                      waits: list[float] | None) -> list[np.ndarray]:
+        done: list[np.ndarray] = []
+        if sum(len(data) for data in images) <= self._inline_bytes:
+            try:
+                for i, data in enumerate(images):
+                    done.append(self._preprocess(data, size,
+                                                 names[i] if names else f"image {i}",
+                                                 self._inline_pixels))
+                if waits is not None:
+                    waits.append(0.0)
+                return done
+            except Deferred:  # a tiny file with many pixels: it and the rest go to the pool
+                pass
+        rest = images[len(done):]
+        jobs = min(self._workers, len(rest))
+        if jobs == 1:
+            return done + await self._in_pool(rest, len(done), size, names, waits)
+        bounds = [len(rest) * j // jobs for j in range(jobs + 1)]
         results = await asyncio.gather(
-            *(self.decode_one(data, size, f"image {i}", waits)
-              for i, data in enumerate(images)),
+            *(self._in_pool(rest[lo:hi], len(done) + lo, size, names, waits)
+              for lo, hi in zip(bounds, bounds[1:])),
             return_exceptions=True)
-        for result in results:
+        for result in results:  # chunks are in order: the first failure is the lowest index
             if isinstance(result, BaseException):
                 raise result
-        return np.stack(results)
+            done.extend(result)
+        return done
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

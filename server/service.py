@@ -102,6 +102,11 @@ def format_to_pb(fmt: OutputFormat) -> int:
     return pb.EmbeddingFormat.Value(f"EMBEDDING_FORMAT_{fmt.name}")
 
 
+def _f32_bytes(vectors: np.ndarray) -> bytes:
+    """``embeddings_f32`` of a response: [n, d] row-major little-endian float32."""
+    return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+
+
 def _precision_descriptions() -> dict[Precision, str]:
     # endpoints.Precision documents each value in a "- ``fp16``: ..." bullet; serve that text
     # rather than keep a second copy that could drift.
@@ -434,6 +439,10 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         pixels = await self._decode(call, spec, images)
         vectors = await self._embed(call, spec, pixels)
         self.live.score_images(spec, vectors, pixels, stored_id)
+        if fmt is OutputFormat.FLOAT32 and request.pack_float32:  # one bytes field, no rows
+            return pb.EmbedImagesResponse(
+                endpoint=self._endpoint_pb(spec), request_id=call.request_id,
+                format=request.format, embeddings_f32=_f32_bytes(vectors))
         embeddings = ([pb.Embedding(values=row) for row in vectors.tolist()]
                       if fmt is OutputFormat.FLOAT32 else
                       [pb.Embedding(packed=row) for row in self._pack(spec, vectors, fmt)])
@@ -456,6 +465,12 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                                     time.perf_counter() - started)
         vectors = await self._embed(call, spec, ids)
         tokens = np.count_nonzero(ids, axis=1).tolist()  # ids are 0-padded
+        if fmt is OutputFormat.FLOAT32 and request.pack_float32:  # rows keep only metadata
+            return pb.EmbedTextsResponse(
+                endpoint=self._endpoint_pb(spec), format=request.format,
+                embeddings=[pb.TextEmbedding(truncated=cut, tokens=n)
+                            for cut, n in zip(truncated, tokens)],
+                embeddings_f32=_f32_bytes(vectors))
         rows = (vectors.tolist() if fmt is OutputFormat.FLOAT32
                 else self._pack(spec, vectors, fmt))
         field_name = "values" if fmt is OutputFormat.FLOAT32 else "packed"

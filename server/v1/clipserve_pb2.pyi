@@ -61,32 +61,38 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class EmbedImagesRequest(_message.Message):
-    __slots__ = ("images", "format")
+    __slots__ = ("images", "format", "pack_float32")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PACK_FLOAT32_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     format: EmbeddingFormat
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
+    pack_float32: bool
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ..., pack_float32: _Optional[bool] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
-    __slots__ = ("endpoint", "embeddings", "request_id", "format")
+    __slots__ = ("endpoint", "embeddings", "request_id", "format", "embeddings_f32")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_F32_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     request_id: str
     format: EmbeddingFormat
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[str] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
+    embeddings_f32: bytes
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., request_id: _Optional[str] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ..., embeddings_f32: _Optional[bytes] = ...) -> None: ...
 
 class EmbedTextsRequest(_message.Message):
-    __slots__ = ("texts", "format")
+    __slots__ = ("texts", "format", "pack_float32")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PACK_FLOAT32_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     format: EmbeddingFormat
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
+    pack_float32: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ..., pack_float32: _Optional[bool] = ...) -> None: ...
 
 class TextEmbedding(_message.Message):
     __slots__ = ("values", "truncated", "packed", "tokens")
@@ -101,14 +107,16 @@ class TextEmbedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., truncated: _Optional[bool] = ..., packed: _Optional[bytes] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedTextsResponse(_message.Message):
-    __slots__ = ("endpoint", "embeddings", "format")
+    __slots__ = ("endpoint", "embeddings", "format", "embeddings_f32")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_F32_FIELD_NUMBER: _ClassVar[int]
     endpoint: Endpoint
     embeddings: _containers.RepeatedCompositeFieldContainer[TextEmbedding]
     format: EmbeddingFormat
-    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[TextEmbedding, _Mapping]]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ...) -> None: ...
+    embeddings_f32: bytes
+    def __init__(self, endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[TextEmbedding, _Mapping]]] = ..., format: _Optional[_Union[EmbeddingFormat, str]] = ..., embeddings_f32: _Optional[bytes] = ...) -> None: ...
 
 class EmbedStreamRequest(_message.Message):
     __slots__ = ("id", "image", "text")

@@ -220,17 +220,26 @@ def bomb() -> bytes:
     return png_header(10_000, 5_000)
 
 
+def truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8)).save(
+        buf, format="JPEG", quality=90)
+    return buf.getvalue()[:20_000]
+
+
 @pytest.mark.parametrize("images, metadata, fragment", [
     ([], (), "images is empty"),
     ([b"x"] * 65, (), "65 images in one call; at most 64"),
     ([b"\x00not an image"], (), "image 0 is not a decodable image"),
     (["GIF"], (), "image 0 is GIF, which is not supported"),
     (["BOMB"], (), "image 0 is 10000x5000 = 50000000 pixels; at most 40000000"),
+    (["TRUNCATED_JPEG"], (), "image 0 is corrupt"),  # a 640x480 photo: the reduced decode
     (["PNG"], (("x-clip-precision", "fp8"),), "valid precisions: fp32, fp16, int8, int4"),
     (["PNG"], (("x-clip-scale", "enormous"),), "valid scales:"),
 ])
 def test_bad_input_is_invalid_argument(gw, images, metadata, fragment):
-    data = [{"GIF": gif(), "BOMB": bomb(), "PNG": png(0)}.get(i, i) for i in images]
+    data = [{"GIF": gif(), "BOMB": bomb(), "PNG": png(0),
+             "TRUNCATED_JPEG": truncated_jpeg()}.get(i, i) for i in images]
     code, details = status_of(gw.embed.EmbedImages, pb.EmbedImagesRequest(images=data), metadata)
     assert code is grpc.StatusCode.INVALID_ARGUMENT, details
     assert fragment in details
@@ -293,6 +302,40 @@ def test_stream_embeds_many_items_like_the_unary_calls(gw):
     streamed_texts = np.array([responses[f"t{i}"].embedding.values for i in range(6)])
     assert cosines(streamed_images, unary_images).min() >= COSINE_MIN
     assert cosines(streamed_texts, unary_texts).min() >= COSINE_MIN
+
+
+def test_packed_float32_embeddings_equal_the_repeated_floats(gw, catalog):
+    from clipserve.client import Client
+
+    images = [png(i) for i in range(4)]
+    texts = ["a photo of the digit 3", "nine", "a very long text " * 20]
+    md = (("x-clip-precision", "fp32"),)
+    plain_images = gw.embed.EmbedImages(pb.EmbedImagesRequest(images=images), metadata=md,
+                                        timeout=CALL_TIMEOUT_S)
+    packed_images = gw.embed.EmbedImages(pb.EmbedImagesRequest(images=images, pack_float32=True),
+                                         metadata=md, timeout=CALL_TIMEOUT_S)
+    dim = packed_images.endpoint.embed_dim
+    assert not packed_images.embeddings and len(packed_images.embeddings_f32) == 4 * dim * 4
+    # Triton's batches differ between the two calls only in timing: the same model on the same
+    # pixels, so the floats agree to summation order.
+    got = np.frombuffer(packed_images.embeddings_f32, "<f4").reshape(4, dim)
+    np.testing.assert_allclose(got, vectors(plain_images), atol=1e-6)
+    plain_texts = gw.embed.EmbedTexts(pb.EmbedTextsRequest(texts=texts), metadata=md,
+                                      timeout=CALL_TIMEOUT_S)
+    packed_texts = gw.embed.EmbedTexts(pb.EmbedTextsRequest(texts=texts, pack_float32=True),
+                                       metadata=md, timeout=CALL_TIMEOUT_S)
+    np.testing.assert_allclose(
+        np.frombuffer(packed_texts.embeddings_f32, "<f4").reshape(len(texts), dim),
+        vectors(plain_texts), atol=1e-6)
+    assert [e.truncated for e in packed_texts.embeddings] == [False, False, True]
+    # The client asks for packed floats by default; without, it reads the repeated floats.
+    with Client(gw.address) as packed, Client(gw.address, pack_float32=False) as unpacked:
+        a = packed.embed_images(images, precision="fp32")
+        b = unpacked.embed_images(images, precision="fp32")
+        np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
+        np.testing.assert_allclose(a.vectors, vectors(plain_images), atol=1e-6)
+        t = packed.embed_texts(texts, precision="fp32")
+        assert t.truncated == [False, False, True] and t.vectors.shape == (3, dim)
 
 
 def test_reflection_lists_the_services(gw):

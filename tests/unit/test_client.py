@@ -111,3 +111,34 @@ def test_headers_from_call_arguments():
     assert client._metadata("k" * 20, "int8", None, "user-1") == (
         ("authorization", "Bearer " + "k" * 20), ("x-clip-precision", "int8"),
         ("x-clip-routing-key", "user-1"))
+
+
+def test_float32_embeddings_are_asked_packed_and_decode_like_repeated_floats():
+    from clipserve.formats import OutputFormat
+    from clipserve.server.v1 import clipserve_pb2 as pb
+
+    vectors = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    endpoint = pb.Endpoint(name="s_fp32_image", embed_dim=8)
+    packed = pb.EmbedImagesResponse(endpoint=endpoint, request_id="r1",
+                                    embeddings_f32=vectors.astype("<f4").tobytes())
+    plain = pb.EmbedImagesResponse(endpoint=endpoint, request_id="r1",
+                                   embeddings=[pb.Embedding(values=v) for v in vectors])
+    c = client.Client("127.0.0.1:1")  # no call is made: the channel connects lazily
+    try:
+        _, request = c._embed_request("image", [np.zeros((4, 4, 3), np.uint8)], "float32")
+        assert request.pack_float32
+        _, text_request = c._embed_request("text", ["a"], "float32")
+        assert text_request.pack_float32
+        from_packed = c._embeddings(packed, OutputFormat.FLOAT32, None)
+        from_plain = c._embeddings(plain, OutputFormat.FLOAT32, None)  # an older server
+        np.testing.assert_array_equal(from_packed.vectors, vectors)
+        np.testing.assert_array_equal(from_plain.vectors, vectors)
+        assert from_packed.vectors.flags.writeable and from_packed.request_id == "r1"
+    finally:
+        c.close()
+    off = client.Client("127.0.0.1:1", pack_float32=False)
+    try:
+        assert not off._embed_request("image", [np.zeros((4, 4, 3), np.uint8)],
+                                      "float32")[1].pack_float32
+    finally:
+        off.close()

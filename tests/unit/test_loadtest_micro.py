@@ -13,7 +13,7 @@ def test_micro_writes_every_cell_with_the_machine(tmp_path, capsys):
     assert micro.main(["--calls", "4", "--batches", "1,3", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     cells = {(r["method"], r["batch"]) for r in data["results"]}
-    assert cells == {(m, b) for m in micro.METHODS for b in (1, 3)}
+    assert cells == {(m, b) for m in micro.METHODS + micro.CLIENT_METHODS for b in (1, 3)}
     assert all(r["calls"] >= 4 and r["cpu_us_per_call"] > 0 for r in data["results"])
     assert data["cpu"]["model"] and len(data["loadavg_before"]) == 3
     assert "EmbedImages" in capsys.readouterr().out

@@ -257,6 +257,38 @@ async def test_embed_texts_tokenizes_and_reports_truncation(h):
     assert h.count("EmbedTexts", "OK", precision="int8") == 1
 
 
+async def test_packed_float32_images_equal_the_repeated_floats(h):
+    images = [png(), png((0, 0, 0)), png((90, 90, 200))]
+    plain = await h.service.EmbedImages(pb.EmbedImagesRequest(images=images), FakeContext())
+    packed = await h.service.EmbedImages(pb.EmbedImagesRequest(images=images, pack_float32=True),
+                                         FakeContext())
+    expected = np.array([e.values for e in plain.embeddings], np.float32)
+    assert expected.shape == (3, DIM) and not plain.embeddings_f32
+    assert len(packed.embeddings) == 0 and len(packed.embeddings_f32) == 3 * DIM * 4
+    got = np.frombuffer(packed.embeddings_f32, "<f4").reshape(3, packed.endpoint.embed_dim)
+    np.testing.assert_array_equal(got, expected)  # bit for bit, request order
+    assert packed.request_id and packed.endpoint == plain.endpoint
+    # Other formats are packed per row already: the flag changes nothing there.
+    f16 = await h.service.EmbedImages(pb.EmbedImagesRequest(
+        images=images, format=pb.EMBEDDING_FORMAT_FLOAT16, pack_float32=True), FakeContext())
+    assert not f16.embeddings_f32 and len(f16.embeddings) == 3
+    assert all(len(e.packed) == 2 * DIM for e in f16.embeddings)
+
+
+async def test_packed_float32_texts_keep_per_text_metadata(h):
+    texts = ["a cat", "ab", "a dog"]
+    plain = await h.service.EmbedTexts(pb.EmbedTextsRequest(texts=texts), FakeContext())
+    packed = await h.service.EmbedTexts(pb.EmbedTextsRequest(texts=texts, pack_float32=True),
+                                        FakeContext())
+    got = np.frombuffer(packed.embeddings_f32, "<f4").reshape(len(texts), DIM)
+    np.testing.assert_array_equal(got, np.array([e.values for e in plain.embeddings],
+                                                np.float32))
+    assert [(e.truncated, e.tokens) for e in packed.embeddings] == [
+        (e.truncated, e.tokens) for e in plain.embeddings]
+    assert [e.truncated for e in packed.embeddings] == [True, False, True]
+    assert all(len(e.values) == 0 for e in packed.embeddings)
+
+
 async def test_remaining_deadline_is_passed_to_the_backend(h):
     await h.service.EmbedTexts(pb.EmbedTextsRequest(texts=["x"]), FakeContext(time_remaining=0.8))
     assert 0 < h.backend.calls[-1][3] <= 0.8

@@ -95,6 +95,11 @@ class ServerConfig:
         "threads decoding and resizing images; 0: one per CPU"))
     decode_queue: int = field(default=0, metadata=_help(
         "images waiting for a decode thread before further calls wait; 0: 8 per worker"))
+    coalesce: bool = field(default=True, metadata=_help(
+        "while an endpoint's Triton requests are in flight (one per model instance), chunks of "
+        "further calls to it wait and then go as one request of up to its max_batch_size "
+        "(no timer: nothing waits unless Triton is busy with that endpoint); off: every "
+        "chunk goes at once and only Triton's dynamic batcher merges them"))
     stream_concurrency: int = field(default=64, metadata=_help(
         "items of one EmbedStream call in flight at once (the rest wait: backpressure)"))
     request_timeout_s: float = field(default=30.0, metadata=_help(

@@ -145,6 +145,12 @@ class ServerConfig:
     shadow_queue_mib: int = field(default=32, metadata=_help(
         "memory for mirrored calls waiting to be compared, in MiB; when full, calls are not "
         "mirrored (counted in clipserve_shadow_dropped_total) and never wait"))
+    workers: int = field(default=0, metadata=_help(
+        "gateway processes sharing the gRPC (and HTTP, health) port with SO_REUSEPORT, so "
+        "the gateway uses that many cores; the parent process starts the tritonserver child, "
+        "serves /metrics summed over the workers (prometheus_client multiprocess mode) and "
+        "stops them. 0: the cores this container may use (CPU affinity, capped by the cgroup "
+        "CPU quota); 1: one process, as before"))
     log_level: str = field(default="INFO", metadata=_help("Python logging level"))
 
     def __post_init__(self) -> None:
@@ -180,6 +186,9 @@ class ServerConfig:
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
                             "tls_key_file")
+        if self.workers < 0:
+            problems.append(f"workers must be 0 (one per available core) or more, got "
+                            f"{self.workers}")
         if self.max_concurrent_calls < 0:
             problems.append(f"max_concurrent_calls must be 0 (no bound) or more, got "
                             f"{self.max_concurrent_calls}")

@@ -2,7 +2,8 @@
 
     python -m clipserve.loadtest.compare benchmarks/run1/bench.json benchmarks/run2/bench.json
 
-On a shared machine one run is noisy; each cell is the median over the runs, with the range.
+On a shared machine one run is noisy; each cell is the median over the runs (and the rounds of
+``bench --rounds``), with the range.
 For each model, precision, stack (Triton direct and each gateway variant) and concurrency:
 items/s, p50, Triton's average batch over the run, CPU ms per item of that stack's own process
 group, and the ratio to Triton direct in the same run. Prints Markdown; ``--json`` writes the
@@ -28,38 +29,56 @@ def _cell(values: list[float], digits: int = 1) -> str:
     return f"{median:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def _rounds(stack_entry: dict) -> list[dict]:
+    """A stack's runs by concurrency, one dict per round (bench --rounds; else its one run)."""
+    return stack_entry.get("rounds") or ([stack_entry["runs"]] if "runs" in stack_entry else [])
+
+
+def _add(table: dict, spec: str, precision: str, stack: str, model: dict, c: int, run: dict,
+         direct: dict | None) -> None:
+    row = table.setdefault((spec, precision, stack, c), {
+        "model": spec, "precision": precision, "stack": stack,
+        "flags": " ".join(model.get("gateways", {}).get(stack, [])),
+        "concurrency": c, "items_per_s": [], "p50_ms": [], "triton_batch": [],
+        "cpu_ms_per_item": [], "of_triton": []})
+    row["items_per_s"].append(run["items_per_s"])
+    row["p50_ms"].append(run["latency_ms"]["p50"])
+    row["triton_batch"].append(run.get("triton_stats", {}).get("avg_batch"))
+    row["cpu_ms_per_item"].append((run.get("cpu_ms_per_item") or {}).get(stack))
+    row["of_triton"].append(run["items_per_s"] / direct["items_per_s"]
+                            if direct and direct["items_per_s"] else None)
+
+
 def rows(results: list[dict]) -> list[dict]:
-    """One row per (model, precision, stack, concurrency), values listed per run."""
+    """One row per (model, precision, stack, concurrency), values listed per run and round
+    (each round's ratio to Triton direct uses that round's Triton run)."""
     table: dict[tuple, dict] = {}
     for result in results:
         for spec, model in result["models"].items():
             for precision, entry in model["precisions"].items():
                 stacks = [k for k, v in entry.items() if isinstance(v, dict) and "runs" in v]
+                direct_rounds = _rounds(entry.get("triton", {}))
                 for stack in stacks:
-                    for c, run in entry[stack]["runs"].items():
-                        key = (spec, precision, stack, int(c))
-                        row = table.setdefault(key, {
-                            "model": spec, "precision": precision, "stack": stack,
-                            "flags": " ".join(model.get("gateways", {}).get(stack, [])),
-                            "concurrency": int(c), "items_per_s": [], "p50_ms": [],
-                            "triton_batch": [], "cpu_ms_per_item": [], "of_triton": []})
-                        row["items_per_s"].append(run["items_per_s"])
-                        row["p50_ms"].append(run["latency_ms"]["p50"])
-                        row["triton_batch"].append(run.get("triton_stats", {}).get("avg_batch"))
-                        row["cpu_ms_per_item"].append(
-                            (run.get("cpu_ms_per_item") or {}).get(stack))
-                        direct = entry.get("triton", {}).get("runs", {}).get(c)
-                        row["of_triton"].append(run["items_per_s"] / direct["items_per_s"]
-                                                if direct and direct["items_per_s"] else None)
+                    for r, runs in enumerate(_rounds(entry[stack])):
+                        direct = direct_rounds[r] if r < len(direct_rounds) else {}
+                        for c, run in runs.items():
+                            _add(table, spec, precision, stack, model, int(c), run,
+                                 direct.get(c))
     return list(table.values())
+
+
+def _round_count(results: list[dict]) -> int:
+    return max((len(_rounds(entry.get("triton", {}))) for r in results
+                for model in r["models"].values() for entry in model["precisions"].values()),
+               default=1)
 
 
 def markdown(results: list[dict]) -> str:
     loads = [r["machine"].get("loadavg_start", [None])[0] for r in results]
-    lines = [f"{len(results)} run(s); load average (1 min) at their starts: "
+    lines = [f"{len(results)} run(s) of {_round_count(results)} round(s); load average (1 min) at their starts: "
              + ", ".join(f"{x:.1f}" for x in loads if x is not None)
              + f"; {results[0]['machine'].get('cores')} cores, {results[0]['machine'].get('cpu')}."
-             " Median (min-max) over the runs.", "",
+             " Median (min-max) over the runs and rounds.", "",
              "| model | precision | stack | flags | callers | items/s | of Triton direct | p50 ms "
              "| Triton avg batch | CPU ms/item (stack) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

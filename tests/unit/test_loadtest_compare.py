@@ -25,3 +25,14 @@ def test_cells_are_medians_over_runs_and_ratios_come_from_the_same_run():
     assert "| m | fp32 | gateway | --workers 1 | 8 | 60.0 (50.0-90.0) | 0.50 (0.30-0.90) |" in table
     assert "| 3.00 (2.00-4.00) | 2.00 (2.00-2.00) |" in table
     assert "1.0, 2.0, 3.0" in table
+
+
+def test_rounds_are_samples_compared_with_their_own_triton_run():
+    result = run(1.0, 100.0, 50.0, 2.0)
+    entry = result["models"]["m"]["precisions"]["fp32"]
+    second = run(1.0, 400.0, 100.0, 2.0)["models"]["m"]["precisions"]["fp32"]
+    for stack in ("triton", "gateway"):
+        entry[stack]["rounds"] = [entry[stack]["runs"], second[stack]["runs"]]
+    (gateway,) = [r for r in compare.rows([result]) if r["stack"] == "gateway"]
+    assert gateway["of_triton"] == [0.5, 0.25]
+    assert "1 run(s) of 2 round(s)" in compare.markdown([result])

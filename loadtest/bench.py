@@ -98,6 +98,14 @@ class BenchConfig:
     runtime_batch: int = field(default=8, metadata=_help("batch of the runtime-axis rows"))
     runtime_threads: int = field(default=0, metadata=_help(
         "intra-op threads of the runtime-axis rows (0: all cores, as Triton's model.py)"))
+    gateways: tuple[str, ...] = field(default=("gateway=--workers 1",), metadata=_help(
+        "gateway variants measured side by side against the same Triton, NAME=FLAGS (extra "
+        "`clipserve serve` flags, space-separated), e.g. 'gateway=--workers 1,"
+        "nocoalesce=--no-coalesce --workers 1,w2=--workers 2'; the one named 'gateway' is the "
+        "report's, the others are in bench.json"))
+    rounds: int = field(default=1, metadata=_help(
+        "measure every stack this many times per precision, in a rotated order each round "
+        "(for A/B comparisons of --gateways on a noisy machine; see loadtest.compare)"))
     profile: bool = field(default=True, metadata=_help(
         "profile the gateway with py-spy during one throughput run"))
     matmul_n: int = field(default=2048, metadata=_help("side of the roofline matmul"))
@@ -111,14 +119,26 @@ class BenchConfig:
         for d in self.peer_dtypes:
             if d not in PEER_DTYPES:
                 raise ValueError(f"unknown peer dtype {d!r}; valid: {', '.join(PEER_DTYPES)}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.concurrency < 1 or self.duration <= 0 or self.latency_duration <= 0:
             raise ValueError("concurrency and durations must be positive")
         [int(b) for b in self.ort_batches]
+        names = [g.partition("=")[0].strip() for g in self.gateways]
+        if not names or "" in names or len(set(names)) != len(names):
+            raise ValueError(f"gateways must be distinct NAME=FLAGS entries, got "
+                             f"{', '.join(self.gateways)}")
         [int(c) for c in self.sweep]
 
     @property
     def steps(self) -> list[int]:
         return sorted({int(c) for c in self.sweep} | {1, self.concurrency})
+
+    @property
+    def gateway_variants(self) -> dict[str, tuple[str, ...]]:
+        """Variant name -> its extra `clipserve serve` flags."""
+        return {name.strip(): tuple(flags.split())
+                for name, _, flags in (g.partition("=") for g in self.gateways)}
 
 
 class Log:
@@ -530,11 +550,17 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
     triton = TritonProcess(repository, log_path=logs / f"triton-{scale}.log")
     log(f"{scale}: starting tritonserver")
     triton.start(timeout_s=600)
-    gateway = GatewayProcess(repository, triton.grpc_url, scale, logs / f"gateway-{scale}.log")
+    gateways = {name: GatewayProcess(repository, triton.grpc_url, scale,
+                                     logs / f"{name}-{scale}.log", extra_args=flags)
+                for name, flags in config.gateway_variants.items()}
+    result["gateways"] = {name: list(flags) for name, flags in config.gateway_variants.items()}
     try:
-        log(f"{scale}: starting the gateway")
-        gateway.start()
-        groups = {"triton": triton.pid, "gateway": gateway.pid}
+        for name, gateway in gateways.items():
+            log(f"{scale}: starting the gateway {name} ({' '.join(gateway.extra_args)})")
+            gateway.start()
+        # CPU by process group: a gateway's workers are in its group.
+        groups = {"triton": triton.pid, **{name: g.pid for name, g in gateways.items()}}
+        profiled = "gateway" if "gateway" in gateways else next(iter(gateways))
         workload = wl.Workload({"image": 1.0}, images)
         # A fresh onnxruntime session is slow for its first runs (allocations, kernel set-up),
         # and only the first precision measured would pay for it: warm every endpoint first,
@@ -544,6 +570,32 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
             model = endpoint_name(scale, p, Tower.IMAGE)
             for c in config.steps:
                 warm(lambda m=model: TritonTarget(triton.grpc_url, m, size), workload, c)
+        def measure_stack(stack: str, factory, load, r: int, i: int, p: Precision,
+                          model: str) -> dict:
+            """One stack at each of its concurrencies: summaries by concurrency."""
+            runs = {}
+            for c in ([1, config.concurrency] if stack == "triton" else config.steps):
+                duration = config.latency_duration if c == 1 else config.duration
+                profile = (stack == profiled and c == config.concurrency and i == 0 and r == 0
+                           and config.profile)
+                spy = (start_py_spy(gateways[stack].pid, duration, logs / f"py-spy-{scale}.txt")
+                       if profile else None)
+                before = triton_stats(triton.grpc_url, model)
+                run, cpu = measure(factory, load, c, duration, config.warmup, groups)
+                summary = summarize_run(run, c, cpu)
+                summary["triton_stats"] = stats_delta(before, triton_stats(triton.grpc_url, model))
+                runs[str(c)] = summary
+                if profile:
+                    profile_data = finish_py_spy(spy, logs / f"py-spy-{scale}.txt")
+                    result["gateway_profile"] = {"precision": p.value, "concurrency": c,
+                                                 **profile_data}
+                lat = summary["latency_ms"]
+                log(f"{scale} {p.value} {stack:7s} c={c:<3d} {summary['items_per_s']:8.1f} "
+                    f"items/s  p50 {lat['p50'] or 0:8.1f} ms  p99 {lat['p99'] or 0:8.1f} ms"
+                    f"  Triton batch {summary['triton_stats'].get('avg_batch', 0):5.2f}"
+                    f"  errors {sum(summary['errors'].values())}")
+            return runs
+
         for i, p in enumerate(precisions):
             model = endpoint_name(scale, p, Tower.IMAGE)
             entry = result["precisions"][p.value]
@@ -551,32 +603,23 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
                                       metadata=wl.routing_metadata(scale, p.value))
             stacks = {
                 "triton": (lambda m=model: TritonTarget(triton.grpc_url, m, size), workload),
-                "gateway": (lambda: GatewayTarget(gateway.address), gw_workload),
+                **{name: (lambda a=g.address: GatewayTarget(a), gw_workload)
+                   for name, g in gateways.items()},
             }
-            for stack, (factory, load) in stacks.items():
-                entry[stack] = {"runs": {}}
-                for c in ([1, config.concurrency] if stack == "triton" else config.steps):
-                    duration = config.latency_duration if c == 1 else config.duration
-                    profile = (stack == "gateway" and c == config.concurrency and i == 0
-                               and config.profile)
-                    spy = (start_py_spy(gateway.pid, duration, logs / f"py-spy-{scale}.txt")
-                           if profile else None)
-                    before = triton_stats(triton.grpc_url, model)
-                    run, cpu = measure(factory, load, c, duration, config.warmup, groups)
-                    summary = summarize_run(run, c, cpu)
-                    summary["triton_stats"] = stats_delta(before,
-                                                          triton_stats(triton.grpc_url, model))
-                    entry[stack]["runs"][str(c)] = summary
-                    if profile:
-                        profile_data = finish_py_spy(spy, logs / f"py-spy-{scale}.txt")
-                        result["gateway_profile"] = {"precision": p.value, "concurrency": c,
-                                                     **profile_data}
-                    lat = summary["latency_ms"]
-                    log(f"{scale} {p.value} {stack:7s} c={c:<3d} {summary['items_per_s']:8.1f} "
-                        f"items/s  p50 {lat['p50'] or 0:8.1f} ms  p99 {lat['p99'] or 0:8.1f} ms"
-                        f"  errors {sum(summary['errors'].values())}")
+            for stack in stacks:
+                entry[stack] = {"runs": {}, "rounds": []}
+            # Rounds repeat every stack, each round in another order (a shared machine's load
+            # drifts): "runs" keeps the first round, "rounds" all of them.
+            order = list(stacks)
+            for r in range(config.rounds):
+                for stack in order[r % len(order):] + order[:r % len(order)]:
+                    entry[stack]["rounds"].append(measure_stack(stack, *stacks[stack], r, i, p,
+                                                                model))
+                    if r == 0:
+                        entry[stack]["runs"] = entry[stack]["rounds"][0]
     finally:
-        gateway.stop()
+        for gateway in gateways.values():
+            gateway.stop()
         triton.stop()
 
     if config.peer and config.peer_dtypes:

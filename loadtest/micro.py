@@ -172,7 +172,7 @@ async def _measure_client(service: ClipService, request, calls: int) -> tuple[fl
 
 
 async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
-              outcome_sample_fraction: float = 1.0) -> list[MicroResult]:
+              outcome_sample_fraction: float = 1.0, coalesce: bool = True) -> list[MicroResult]:
     """Measure each method at each batch size; ``calls`` is for batch 1 (fewer for larger
     batches, so each cell costs about the same). ``outcome_sample_fraction``: the server
     config's (1.0 stores every call's predictions for ReportOutcome, as by default)."""
@@ -182,7 +182,8 @@ async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
         _write_repository(root)
         catalog = Catalog.from_repository(root)
         config = ServerConfig(repository=root, max_batch_items=max(batches),
-                              outcome_sample_fraction=outcome_sample_fraction)
+                              outcome_sample_fraction=outcome_sample_fraction,
+                              coalesce=coalesce)
         decoder = ImageDecoder(config.effective_decode_workers, config.effective_decode_queue,
                                config.max_image_bytes, config.max_image_pixels)
         state = BackendState(True, frozenset(s.name for s in catalog))
@@ -244,13 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                              "512: ViT-B-32)")
     parser.add_argument("--outcome-sample-fraction", type=float, default=1.0,
                         help="the server's outcome_sample_fraction (1: store every prediction)")
+    parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                        help="the server's coalesce setting (calls here never overlap: this "
+                             "measures what the coalescer costs a call that goes straight on)")
     args = parser.parse_args(argv)
     batches = tuple(int(b) for b in args.batches.split(","))
     DIM = args.dim
     info = cpu.detect()
     load_before = os.getloadavg()
     results = asyncio.run(run(batches, args.calls,
-                              outcome_sample_fraction=args.outcome_sample_fraction))
+                              outcome_sample_fraction=args.outcome_sample_fraction,
+                              coalesce=args.coalesce))
     load_after = os.getloadavg()
     print(f"CPU: {info.model} ({info.cores} cores usable; {info.isa()}); "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "label": args.label, "outcome_sample_fraction": args.outcome_sample_fraction,
-            "dim": args.dim,
+            "dim": args.dim, "coalesce": args.coalesce,
             "cpu": {"model": info.model, "cores": info.cores,
                                          "flags": sorted(info.flags)},
             "python": sys.version.split()[0],

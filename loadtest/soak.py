@@ -270,8 +270,10 @@ class Stack:
                                         metrics_port=free_port(),
                                         log_path=workdir / "triton.log")
         self._triton_url = triton_url
+        # One gateway process: the sampler reads the memory of the gateway's pid, and the soak's
+        # store and overload figures are per process (--workers N would start a supervisor).
         self._gateway_args = (
-            "--routing-file", str(self.routing_file), "--routing-poll-s", "0.5",
+            "--workers", "1", "--routing-file", str(self.routing_file), "--routing-poll-s", "0.5",
             "--api-keys-file", str(self.keys_file), "--api-keys-poll-s", "0.5",
             "--outcome-store-mib", str(config.outcome_store_mib),
             "--max-concurrent-calls", str(config.max_concurrent_calls),

@@ -119,11 +119,14 @@ class Gateway:
         backend: inject a backend (tests); default: a TritonBackend on ``config.triton_url``
             or on a tritonserver child started over the repository.
         registry: Prometheus registry (tests pass a fresh one).
+        worker: one of ``--workers N`` (:mod:`.workers`): bind the ports with SO_REUSEPORT,
+            which other workers share, and serve no /metrics (the parent serves all workers').
     """
 
     def __init__(self, config: ServerConfig, backend: Backend | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, worker: bool = False):
         self.config = config
+        self.worker = worker
         self.registry = registry or CollectorRegistry()
         self._backend = backend
         self._triton = None  # TritonProcess when we started one
@@ -192,9 +195,12 @@ class Gateway:
                                open_services=open_services,
                                max_concurrent_calls=config.max_concurrent_calls,
                                on_reject=count_refusals(metrics))
+        # gRPC core sets SO_REUSEPORT unless told not to: only workers share a port; a lone
+        # gateway whose port is taken fails to start instead of splitting its traffic.
+        reuse_port = ("grpc.so_reuseport", 1 if self.worker else 0)
         self._server = grpc.aio.server(interceptors=[self.guard], options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes), reuse_port,
         ])
         pb_grpc.add_EmbeddingServiceServicer_to_server(service, self._server)
         pb_grpc.add_ClassificationServiceServicer_to_server(service, self._server)
@@ -209,15 +215,16 @@ class Gateway:
         if not self.port:
             raise RuntimeError(f"cannot bind gRPC port {address}")
         if config.health_port is not None:
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(options=[reuse_port])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(
                 f"{config.host}:{config.health_port}")
             if not self.health_port:
                 raise RuntimeError(f"cannot bind health port {config.host}:{config.health_port}")
-        self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host,
-                                                  registry=self.registry)
-        self.metrics_port = self._metrics_http.server_port
+        if not self.worker:
+            self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.host,
+                                                      registry=self.registry)
+            self.metrics_port = self._metrics_http.server_port
         await self._server.start()
         if self._health_server is not None:
             await self._health_server.start()
@@ -232,7 +239,7 @@ class Gateway:
             self.http_port = await self._http.start(
                 config.host, config.http_port, cert_file=config.tls_cert_file,
                 key_file=config.tls_key_file, client_ca_file=config.tls_client_ca_file,
-                grace_s=config.shutdown_grace_s)
+                grace_s=config.shutdown_grace_s, reuse_port=self.worker)
         self._tasks = [asyncio.create_task(self.monitor.run(), name="health"),
                        asyncio.create_task(self.routing.watch(config.routing_poll_s),
                                            name="routing"),
@@ -241,10 +248,11 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.keys.watch(config.api_keys_poll_s),
                                                    name="api-keys"))
         log.info("serving gRPC on %s:%d (%s, %s, at most %s concurrent calls), metrics on "
-                 "%s:%d%s", config.host, self.port,
+                 "%s:%s%s", config.host, self.port,
                  "mutual TLS" if tls and tls.mutual else "TLS" if tls else "plaintext",
                  "API keys" if self.keys else "no API keys",
-                 config.max_concurrent_calls or "unbounded", config.host, self.metrics_port,
+                 config.max_concurrent_calls or "unbounded", config.host,
+                 self.metrics_port if not self.worker else "the parent's",
                  f", plaintext health on {config.host}:{self.health_port}"
                  if self._health_server is not None else "")
         if self._http is not None:
@@ -317,18 +325,28 @@ class Gateway:
         log.info("stopped")
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig, worker: bool = False) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the routing and API key files. Returns an
-    exit code.
+    exit code. With more than one worker (config.workers; 0: one per available core) this
+    process supervises that many gateway processes instead (:mod:`.workers`).
 
     A signal that arrives while a tritonserver child is starting takes effect once the start
     returns (bounded by triton_start_timeout_s): stopping it half-way would orphan the child.
     """
-    gateway = Gateway(config)
+    if not worker:
+        from .workers import effective_workers, serve_workers
+
+        workers = effective_workers(config)
+        if workers > 1:
+            return await serve_workers(config, workers)
+    gateway = Gateway(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker:  # a Ctrl-C reaches the whole process group: the parent stops the workers
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         await gateway.start()
         loop.add_signal_handler(signal.SIGHUP, gateway.reload)

@@ -101,6 +101,11 @@ class ServerConfig:
         "(libjpeg DCT scaling) before the bicubic resize: about half the decode CPU of a "
         "640x480 photo at 224 px, embeddings at cosine >= 0.999 to the exact path "
         "(BENCHMARKS.md, issue 10); off: every image takes the exact open_clip transform"))
+    coalesce: bool = field(default=True, metadata=_help(
+        "while an endpoint's Triton requests are in flight (one per model instance), chunks of "
+        "further calls to it wait and then go as one request of up to its max_batch_size "
+        "(no timer: nothing waits unless Triton is busy with that endpoint); off: every "
+        "chunk goes at once and only Triton's dynamic batcher merges them"))
     stream_concurrency: int = field(default=64, metadata=_help(
         "items of one EmbedStream call in flight at once (the rest wait: backpressure)"))
     request_timeout_s: float = field(default=30.0, metadata=_help(
@@ -146,6 +151,12 @@ class ServerConfig:
     shadow_queue_mib: int = field(default=32, metadata=_help(
         "memory for mirrored calls waiting to be compared, in MiB; when full, calls are not "
         "mirrored (counted in clipserve_shadow_dropped_total) and never wait"))
+    workers: int = field(default=0, metadata=_help(
+        "gateway processes sharing the gRPC (and HTTP, health) port with SO_REUSEPORT, so "
+        "the gateway uses that many cores; the parent process starts the tritonserver child, "
+        "serves /metrics summed over the workers (prometheus_client multiprocess mode) and "
+        "stops them. 0: the cores this container may use (CPU affinity, capped by the cgroup "
+        "CPU quota); 1: one process, as before"))
     log_level: str = field(default="INFO", metadata=_help("Python logging level"))
 
     def __post_init__(self) -> None:
@@ -181,6 +192,9 @@ class ServerConfig:
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
                             "tls_key_file")
+        if self.workers < 0:
+            problems.append(f"workers must be 0 (one per available core) or more, got "
+                            f"{self.workers}")
         if self.max_concurrent_calls < 0:
             problems.append(f"max_concurrent_calls must be 0 (no bound) or more, got "
                             f"{self.max_concurrent_calls}")

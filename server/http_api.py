@@ -136,8 +136,9 @@ class HttpApi:
     # -- serving -------------------------------------------------------------------------
 
     async def start(self, host: str, port: int, *, cert_file=None, key_file=None,
-                    client_ca_file=None, grace_s: float = 10.0) -> int:
-        """Bind ``host:port`` (0: any free port) and serve; returns the bound port.
+                    client_ca_file=None, grace_s: float = 10.0, reuse_port: bool = False) -> int:
+        """Bind ``host:port`` (0: any free port) and serve; returns the bound port. With
+        ``reuse_port`` other processes may bind the same port (SO_REUSEPORT).
 
         TLS uses the gRPC port's files; they are read here, at start (unlike gRPC's, a
         rotated certificate needs a restart of the HTTP side).
@@ -150,6 +151,8 @@ class HttpApi:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # --workers: every worker binds this port; the kernel spreads connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

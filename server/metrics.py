@@ -128,6 +128,26 @@ def _version() -> str:
         return "unknown"
 
 
+class Mode:
+    """How each gauge of ``clipserve serve --workers N`` is merged over the workers on the one
+    /metrics page (prometheus_client's ``multiprocess_mode``; ignored with one process).
+    Counters and histograms always add up, including those of workers that have exited."""
+
+    # The same value in every worker (build info): one series, the largest.
+    SAME = "max"
+    # Amounts held by each live worker (calls in flight, stored predictions and their bytes,
+    # queued shadow bytes, outcomes in the windows): the total is the sum of the live ones.
+    ADD = "livesum"
+    # Readiness as each worker's own health poll sees it: 1 only if every live worker sees
+    # Triton ready, so a worker that cannot reach it shows as 0.
+    ALL_READY = "livemin"
+    # Statistics of each worker's own outcome window (ECE, accuracy, mean confidence): no
+    # merge of per-window values gives the pooled figure (ECE is not additive, windows differ
+    # in size), so each live worker's value is its own series with a pid label; dashboards and
+    # alerts take max() / min() over them.
+    PER_WORKER = "liveall"
+
+
 class ServerMetrics:
     """Every gateway metric, registered on ``registry`` (tests pass a fresh one).
 
@@ -147,7 +167,7 @@ class ServerMetrics:
         endpoint = ["scale", "precision"]
         self.build_info = Gauge(
             "clipserve_build_info", "Always 1; the labels say what is running.",
-            ["version", "api"], registry=registry)
+            ["version", "api"], registry=registry, multiprocess_mode=Mode.SAME)
         self.build_info.labels(version=_version(), api=API).set(1)
 
         # -- traffic and speed --------------------------------------------------------------
@@ -164,7 +184,7 @@ class ServerMetrics:
             ["method", *endpoint, "phase"], buckets=LATENCY_BUCKETS, registry=registry)
         self.in_flight = Gauge(
             "clipserve_requests_in_flight", "Calls being served now.", ["method"],
-            registry=registry)
+            registry=registry, multiprocess_mode=Mode.ADD)
         self.items = Counter(
             "clipserve_items_total", "Images and texts embedded successfully for clients.",
             ["tower", *endpoint], registry=registry)
@@ -174,7 +194,7 @@ class ServerMetrics:
             ["tower", *endpoint], buckets=BATCH_BUCKETS, registry=registry)
         self.backend_ready = Gauge(
             "clipserve_backend_ready", "1 while Triton reports itself ready, else 0.",
-            registry=registry)
+            registry=registry, multiprocess_mode=Mode.ALL_READY)
         self.routing_reloads = Counter(
             "clipserve_routing_reloads_total", "Routing file reloads, by result.",
             ["result"], registry=registry)
@@ -206,22 +226,22 @@ class ServerMetrics:
             "served top-1 was right.", [*endpoint, "result"], registry=registry)
         self.calibration_ece = Gauge(
             "clipserve_calibration_ece", "Expected calibration error (15 bins, L1) over the "
-            "sliding window of reported outcomes.", endpoint, registry=registry)
+            "sliding window of reported outcomes.", endpoint, registry=registry, multiprocess_mode=Mode.PER_WORKER)
         self.calibration_accuracy = Gauge(
             "clipserve_calibration_accuracy", "Top-1 accuracy over the same window.", endpoint,
-            registry=registry)
+            registry=registry, multiprocess_mode=Mode.PER_WORKER)
         self.calibration_confidence = Gauge(
             "clipserve_calibration_confidence", "Mean top-1 probability over the same window.",
-            endpoint, registry=registry)
+            endpoint, registry=registry, multiprocess_mode=Mode.PER_WORKER)
         self.calibration_samples = Gauge(
             "clipserve_calibration_window_samples", "Outcomes in the sliding window.", endpoint,
-            registry=registry)
+            registry=registry, multiprocess_mode=Mode.ADD)
         self.predictions_stored = Gauge(
             "clipserve_predictions_stored", "Predictions held for ReportOutcome.",
-            registry=registry)
+            registry=registry, multiprocess_mode=Mode.ADD)
         self.predictions_stored_bytes = Gauge(
             "clipserve_predictions_stored_bytes", "Approximate memory of those predictions.",
-            registry=registry)
+            registry=registry, multiprocess_mode=Mode.ADD)
         self.predictions_evicted = Counter(
             "clipserve_predictions_evicted_total", "Predictions dropped before any outcome "
             "could use them all, by reason.", ["reason"], registry=registry)
@@ -247,7 +267,7 @@ class ServerMetrics:
             [*endpoint, "reason"], registry=registry)
         self.shadow_queue_bytes = Gauge(
             "clipserve_shadow_queue_bytes", "Memory held by mirrored requests waiting to be "
-            "compared (bounded by shadow_queue_mib).", registry=registry)
+            "compared (bounded by shadow_queue_mib).", registry=registry, multiprocess_mode=Mode.ADD)
         self.label_cache = Counter(
             "clipserve_label_cache_requests_total", "Lookups of cached label text embeddings.",
             ["result"], registry=registry)

@@ -22,6 +22,38 @@ log = logging.getLogger(__name__)
 
 # Only the top-level field: nested messages (dynamic_batching { ... }) never use this name.
 _MAX_BATCH_SIZE = re.compile(r"^\s*max_batch_size\s*:\s*(\d+)", re.MULTILINE)
+_INSTANCE_GROUP = re.compile(r"\binstance_group\s*:?\s*\[")
+_COUNT = re.compile(r"\bcount\s*:\s*(\d+)")
+_GPUS = re.compile(r"\bgpus\s*:\s*\[([^\]]*)\]")
+
+
+def _bracketed(text: str, start: int, open_: str, close: str) -> str:
+    """The text from ``start`` (just past an opening bracket) to its matching close."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += (text[i] == open_) - (text[i] == close)
+        if depth == 0:
+            return text[start:i]
+    return text[start:]
+
+
+def instance_count(config_text: str) -> int:
+    """Model instances a config.pbtxt asks Triton for: each instance_group entry's count
+    (1 without one), times its GPUs where it lists them; 1 without instance_group."""
+    found = _INSTANCE_GROUP.search(config_text)
+    if found is None:
+        return 1
+    groups = _bracketed(config_text, found.end(), "[", "]")
+    total, i = 0, groups.find("{")
+    while i >= 0:
+        entry = _bracketed(groups, i + 1, "{", "}")
+        count = _COUNT.search(entry)
+        gpus = _GPUS.search(entry)
+        total += ((int(count.group(1)) if count else 1)
+                  * (max(1, len([g for g in gpus.group(1).split(",") if g.strip()]))
+                     if gpus else 1))
+        i = groups.find("{", i + 1 + len(entry) + 1)
+    return total or 1
 
 
 @dataclass(frozen=True)
@@ -31,6 +63,8 @@ class EndpointSpec:
     Attributes:
         max_batch_size: from config.pbtxt; calls with more items are split into chunks of at
             most this many (0: Triton does not batch this model; send the call whole).
+        instance_count: model instances in config.pbtxt's instance_group (1 without one):
+            how many requests the gateway keeps in flight for it before it coalesces.
     """
 
     name: str
@@ -40,6 +74,7 @@ class EndpointSpec:
     sidecar: Sidecar
     max_batch_size: int
     directory: Path
+    instance_count: int = 1
 
     @property
     def input_name(self) -> str:
@@ -63,12 +98,13 @@ def read_endpoint(directory: Path) -> EndpointSpec:
     if tower is Tower.TEXT and not sidecar.context_length:
         raise ValueError(f"{directory / SIDECAR_FILENAME}: text endpoint without context_length")
     try:
-        match = _MAX_BATCH_SIZE.search((directory / "config.pbtxt").read_text())
+        config_text = (directory / "config.pbtxt").read_text()
     except OSError as exc:
         raise ValueError(f"cannot read {directory / 'config.pbtxt'}: {exc}") from exc
+    match = _MAX_BATCH_SIZE.search(config_text)
     return EndpointSpec(name=name, scale=sidecar.scale, precision=precision, tower=tower,
                         sidecar=sidecar, max_batch_size=int(match.group(1)) if match else 0,
-                        directory=directory)
+                        directory=directory, instance_count=instance_count(config_text))
 
 
 class Catalog:

@@ -2,8 +2,9 @@
 
 One class implements the three services; it depends on the :class:`Backend` protocol, the
 catalog, the live routing policy and the readiness snapshot, all passed in, so unit tests drive
-it with fakes and no socket. Batching is Triton's (dynamic_batching in config.pbtxt): calls are
-only split into chunks of the endpoint's max_batch_size, never queued here.
+it with fakes and no socket. Calls are split into chunks of the endpoint's max_batch_size; while
+an endpoint's requests are in flight, chunks of concurrent calls wait and then go together
+(:mod:`.coalesce`, no timer); Triton's dynamic_batching batches what arrives.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from clipserve.endpoints import Precision, Tower, endpoint_name
 from clipserve.formats import OutputFormat, encode
 
 from .backend import Backend
+from .coalesce import Coalescer
 from .config import ServerConfig
 from .errors import ServingError, to_status
 from .health import BackendState
@@ -173,6 +175,9 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         # pb.Endpoint per endpoint name, built once (keyed with the spec: a reloaded catalog
         # brings new specs). Messages passed to a constructor are copied, so sharing is safe.
         self._endpoint_pbs: dict[str, tuple[EndpointSpec, pb.Endpoint]] = {}
+        self._coalescer = Coalescer(backend, enabled=config.coalesce, on_send=lambda spec, n:
+                                    metrics.observe_batch(spec.tower, spec.scale,
+                                                          spec.precision, n))
         self.live = LiveQuality(catalog=catalog, metrics=metrics, settings=live_settings(config),
                                 compute_labels=self._compute_labels, embed=self._shadow_embed,
                                 rng=random.Random(self._rng.random()))
@@ -311,16 +316,14 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
     async def _run_endpoint(self, spec: EndpointSpec, batch: np.ndarray,
                             timeout_s: float) -> np.ndarray:
         """Run the endpoint on ``batch`` in chunks of its max_batch_size (sent concurrently so
-        Triton's dynamic batcher sees them together)."""
+        Triton's dynamic batcher sees them together), through the coalescer, which merges
+        chunks of concurrent calls while the endpoint is busy (see :mod:`.coalesce`)."""
         chunk = spec.max_batch_size or len(batch)
-        for i in range(0, len(batch), chunk):
-            self._metrics.observe_batch(spec.tower, spec.scale, spec.precision,
-                                        len(batch[i:i + chunk]))
         if len(batch) <= chunk:  # one request: no gather, no Task
-            vectors = await self._backend.embed(spec.name, spec.input_name, batch, timeout_s)
+            vectors = await self._coalescer.embed(spec, batch, timeout_s)
         else:
             vectors = np.concatenate(await asyncio.gather(*(
-                self._backend.embed(spec.name, spec.input_name, batch[i:i + chunk], timeout_s)
+                self._coalescer.embed(spec, batch[i:i + chunk], timeout_s)
                 for i in range(0, len(batch), chunk))))
         if vectors.shape != (len(batch), spec.sidecar.embed_dim):
             raise RuntimeError(f"{spec.name} returned embeddings of shape {vectors.shape} for "

@@ -151,12 +151,13 @@ class ServerConfig:
     shadow_queue_mib: int = field(default=32, metadata=_help(
         "memory for mirrored calls waiting to be compared, in MiB; when full, calls are not "
         "mirrored (counted in clipserve_shadow_dropped_total) and never wait"))
-    workers: int = field(default=0, metadata=_help(
+    workers: int = field(default=1, metadata=_help(
         "gateway processes sharing the gRPC (and HTTP, health) port with SO_REUSEPORT, so "
         "the gateway uses that many cores; the parent process starts the tritonserver child, "
         "serves /metrics summed over the workers (prometheus_client multiprocess mode) and "
         "stops them. 0: the cores this container may use (CPU affinity, capped by the cgroup "
-        "CPU quota); 1: one process, as before"))
+        "CPU quota); 1 (default): one process. Each worker keeps its own ReportOutcome "
+        "store, so with N > 1 an outcome must come back on its call's connection"))
     log_level: str = field(default="INFO", metadata=_help("Python logging level"))
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from clipserve.endpoints import Precision, Tower
 
 from .backend import Backend
 from .config import ServerConfig
-from .health import NOT_SERVING, HealthMonitor
+from .health import NOT_SERVING, HealthMonitor, catalog_warmups
 from .images import ImageDecoder
 from .metrics import Method, ServerMetrics
 from .repository import Catalog
@@ -169,13 +169,17 @@ class Gateway:
 
         if self._backend is None:
             self._backend = await self._connect_triton()
-        self.monitor = HealthMonitor(self._backend, self.health, SERVICE_NAMES, metrics,
-                                     config.health_poll_s)
+        # Each endpoint is routable once it has answered a warm-up request; SERVING once all
+        # that Triton reports READY have (health.py).
+        self.monitor = HealthMonitor(
+            self._backend, self.health, SERVICE_NAMES, metrics, config.health_poll_s,
+            warmups=catalog_warmups(catalog) if config.endpoint_warmup else None,
+            warmup_timeout_s=config.endpoint_warmup_timeout_s)
         # An external Triton may come up after us (Kubernetes starts containers in any order):
         # serve anyway, NOT_SERVING and UNAVAILABLE until the monitor sees it ready.
-        if not (await self.monitor.poll_once()).server_ready:
-            log.warning("Triton at %s is not ready yet; health is NOT_SERVING until it is",
-                        getattr(self._backend, "url", "?"))
+        if not (await self.monitor.poll_once()).serving:
+            log.warning("Triton at %s is not ready (or its endpoints not warmed up) yet; "
+                        "health is NOT_SERVING until it is", getattr(self._backend, "url", "?"))
 
         self._decoder = ImageDecoder(config.effective_decode_workers,
                                      config.effective_decode_queue, config.max_image_bytes,
@@ -226,7 +230,7 @@ class Gateway:
             self._http = HttpApi(
                 service=service, catalog=catalog, metrics=metrics,
                 keys=lambda: self.keys.keys if self.keys else None, guard=self.guard,
-                ready=lambda: self.monitor.state.server_ready,
+                ready=lambda: self.monitor.state.serving,
                 max_body_bytes=config.max_message_bytes, default_scale=scale)
             self.http_port = await self._http.start(
                 config.host, config.http_port, cert_file=config.tls_cert_file,

@@ -124,3 +124,30 @@ async def test_without_warmups_a_ready_model_is_routable_at_once(parts):
     monitor = HealthMonitor(backend, health, [], ServerMetrics(CollectorRegistry(), ()), 0.1)
     state = await monitor.poll_once()
     assert state.serving and state.ready_models == backend.models and not backend.calls
+
+
+async def test_the_request_path_is_warmed_through_the_real_decoder_and_tokenizers(tmp_path):
+    from clipserve.server.app import warm_request_path
+    from clipserve.server.images import ImageDecoder
+
+    catalog = Catalog.from_repository(write_repository(tmp_path / "repo"))
+    decoded, encoded = [], []
+
+    class Recording(ImageDecoder):
+        async def decode(self, images, size, waits=None):
+            out = await super().decode(images, size, waits)
+            decoded.append((images[0][:4], out.shape))
+            return out
+
+    class Tokenizer:
+        def encode(self, texts):
+            encoded.append(tuple(texts))
+
+    decoder = Recording(1, 2, 1 << 20, 1 << 20)
+    try:
+        await warm_request_path(decoder, catalog, {"t": Tokenizer()})
+    finally:
+        decoder.close()
+    # A PNG and a JPEG, each decoded and resized to the catalog's image size.
+    assert decoded == [(b"\x89PNG", (1, SIZE, SIZE, 3)), (b"\xff\xd8\xff\xe0", (1, SIZE, SIZE, 3))]
+    assert len(encoded) == 1

@@ -137,11 +137,11 @@ class HealthMonitor:
             self._backend.server_ready(timeout), self._backend.ready_models(timeout))
         models = frozenset(models)
         self._warm &= models  # one that left READY (Triton restarted) warms up again
-        needed = {m: w for m in models if (w := self._warmups(m)) is not None}
-        pending = sorted(m for m in needed if m not in self._warm)
+        pending = {m: w for m in sorted(models - self._warm)
+                   if (w := self._warmups(m)) is not None}
         if pending:
-            await asyncio.gather(*(self._warm_up(m, needed[m]) for m in pending))
-        routable = frozenset(m for m in models if m not in needed or m in self._warm)
+            await asyncio.gather(*(self._warm_up(m, w) for m, w in pending.items()))
+        routable = frozenset(m for m in models if m in self._warm or m not in pending)
         state = BackendState(server_ready=server_ready, ready_models=routable,
                              serving=server_ready and routable == models)
         if state.server_ready != self.state.server_ready:

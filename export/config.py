@@ -14,6 +14,13 @@ BACKENDS = ("python", "onnxruntime")
 RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
 INT4_BLOCK_SIZE = 32
 OOD_SCORE_CHOICES = ("auto", "mcm", "knn", "mahalanobis")
+# Every endpoint's max_batch_size (the gateway reads it back from config.pbtxt).
+MAX_BATCH_SIZE = 64
+# Long enough to gather concurrent single-image requests into a batch on a CPU, short
+# against the tens of milliseconds a ViT-B image takes.
+MAX_QUEUE_DELAY_US = 2000
+# --model-warmup: the data of Triton's warm-up samples (repository.ServingPolicy).
+WARMUP_DATA = ("zero", "random", "none")
 
 
 def _default_cache_dir() -> str:
@@ -98,6 +105,30 @@ class ExportConfig(EvaluationData):
     seeds: int = field(default=1, metadata={
         "help": "built-in models: train and evaluate this many seeds per size for the scale "
                 "study (seed 0 is the one served)"})
+    # How Triton runs each endpoint, written into its config.pbtxt (repository.ServingPolicy).
+    instances: int = field(default=1, metadata={
+        "help": "Triton model instances per endpoint (instance_group count)"})
+    max_queue_delay_us: int = field(default=MAX_QUEUE_DELAY_US, metadata={
+        "help": "dynamic batching: microseconds Triton waits for more requests to batch"})
+    preferred_batch_sizes: tuple[str, ...] = field(default=(), metadata={
+        "help": "dynamic batching: comma-separated batch sizes sent without waiting out the "
+                f"delay (each 1..{MAX_BATCH_SIZE}); empty: Triton's default"})
+    model_warmup: str = field(default="zero", metadata={
+        "help": "Triton model_warmup samples run before a model reports ready: 'zero', "
+                "'random' (image towers; text towers use zeros) or 'none'"})
+    warmup_batch_sizes: tuple[str, ...] = field(default=("1", str(MAX_BATCH_SIZE)), metadata={
+        "help": "batch sizes of the warm-up samples; each costs one inference of that batch "
+                "per instance while the model loads (seconds at 64 for ViT-B on a 2-core CPU)"})
+    intra_op_threads: int = field(default=0, metadata={
+        "help": "python backend: onnxruntime intra-op threads, OpenVINO INFERENCE_NUM_THREADS "
+                "(0: one per core); GPU backend: intra_op_thread_count"})
+    inter_op_threads: int = field(default=1, metadata={
+        "help": "onnxruntime inter-op threads (above 1 runs the graph with ORT_PARALLEL); "
+                "GPU backend: inter_op_thread_count; OpenVINO: not used"})
+    allow_spinning: bool = field(default=False, metadata={
+        "help": "python backend with onnxruntime: let idle worker threads spin "
+                "(session.intra_op/inter_op.allow_spinning). Off: spinning burns the cores "
+                "the gateway needs; OpenVINO has no such setting"})
 
     def __post_init__(self):
         for p in self.precisions:
@@ -115,6 +146,31 @@ class ExportConfig(EvaluationData):
         b = self.int4_block_size
         if b < 16 or b & (b - 1):
             raise ValueError(f"int4 block size must be a power of two >= 16, got {b}")
+        self.serving_policy()  # raises ValueError on a bad batching, warm-up or thread flag
+
+    def serving_policy(self) -> "ServingPolicy":
+        """The export flags that say how Triton runs each endpoint.
+
+        Raises:
+            ValueError: a batch size that is not an integer in 1..max_batch_size, or another
+                out-of-range value (the message names the flag).
+        """
+        from clipserve.export.repository import ServingPolicy
+
+        def sizes(flag, values):
+            try:
+                return tuple(int(v) for v in values)
+            except ValueError:
+                raise ValueError(f"--{flag}: comma-separated integers, got "
+                                 f"{','.join(values)!r}") from None
+
+        return ServingPolicy(
+            instances=self.instances, max_queue_delay_us=self.max_queue_delay_us,
+            preferred_batch_sizes=sizes("preferred-batch-sizes", self.preferred_batch_sizes),
+            model_warmup=self.model_warmup,
+            warmup_batch_sizes=sizes("warmup-batch-sizes", self.warmup_batch_sizes),
+            intra_op_threads=self.intra_op_threads, inter_op_threads=self.inter_op_threads,
+            allow_spinning=self.allow_spinning)
 
     def model_specs(self) -> list["ModelSpec"]:
         from clipserve.export import models

@@ -153,11 +153,14 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
         for (p, t), (path, quantization) in variants.items():
             runtime, options, info = runtimes.plan_runtime(
                 config.runtime, path, p, probes[t][:config.throughput_batch],
-                config.throughput_seconds)
+                config.throughput_seconds, config.intra_op_threads,
+                inter_op_threads=config.inter_op_threads, allow_spinning=config.allow_spinning)
             served[p, t] = (runtime, options)
             quantization["runtime"] = info
             say(f"{tag} {p.value} {t.value}: runtime {options['runtime_choice']}")
-    sessions = {(p, t): runtimes.make_session(variants[p, t][0], served[p, t][0], p)
+    sessions = {(p, t): runtimes.make_session(
+                    variants[p, t][0], served[p, t][0], p, config.intra_op_threads,
+                    inter_op_threads=config.inter_op_threads, allow_spinning=config.allow_spinning)
                 if served[p, t][1] else evaluate.make_session(variants[p, t][0])
                 for p in evaluated for t in Tower}
     result = quality.evaluate_model(
@@ -211,7 +214,8 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
             backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json,
             runtime=context["served"][precision, tower][0],
-            runtime_options=context["served"][precision, tower][1])
+            runtime_options=context["served"][precision, tower][1],
+            policy=config.serving_policy())
         if sidecar.ood_state:
             cal.save_ood_state(endpoint / sidecar.ood_state, live_score,
                                result.fitted[precision].ood_states[live_score])

@@ -44,9 +44,12 @@ def openvino_version() -> str | None:
     return ov.get_version()
 
 
-def runtime_options(runtime: str, precision: Precision | str, threads: int = 0) -> dict:
+def runtime_options(runtime: str, precision: Precision | str, threads: int = 0,
+                    inter_op_threads: int = 1, allow_spinning: bool = False) -> dict:
     """config.pbtxt parameters (string values) that make Triton's model.py run ``precision``
-    with ``runtime``: runtime, intra_op_threads and, for openvino, precision hint and streams.
+    with ``runtime``: runtime, its thread parameters (``ServingPolicy.runtime_parameters``:
+    intra_op_threads; for onnxruntime inter_op_threads and allow_spinning) and, for openvino,
+    precision hint and streams.
 
     Raises:
         ValueError: unknown runtime, or bf16 with onnxruntime (it has no bf16 CPU kernels for
@@ -58,7 +61,11 @@ def runtime_options(runtime: str, precision: Precision | str, threads: int = 0) 
     if runtime == "onnxruntime" and precision is Precision.BF16:
         raise ValueError("bf16 needs runtime openvino (onnxruntime's CPU provider would run the "
                          "FP32 graph in float32)")
-    options = {"runtime": runtime, "intra_op_threads": str(int(threads))}
+    from clipserve.export.repository import ServingPolicy
+
+    threading = ServingPolicy(intra_op_threads=threads, inter_op_threads=inter_op_threads,
+                              allow_spinning=allow_spinning)
+    options = {"runtime": runtime, **threading.runtime_parameters(runtime)}
     if runtime == "openvino":
         options["openvino_precision_hint"] = "bf16" if precision is Precision.BF16 else "f32"
         options["openvino_streams"] = "1"
@@ -90,7 +97,9 @@ class Session:
                     path, options.get("openvino_precision_hint", ""), threads,
                     options.get("openvino_streams", "1"))
             else:
-                self._run = triton_model.build_onnxruntime(path, threads)
+                self._run = triton_model.build_onnxruntime(
+                    path, threads, inter_op_threads=int(options.get("inter_op_threads", "1")),
+                    allow_spinning=options.get("allow_spinning", "0") == "1")
         except ImportError as exc:
             raise RuntimeUnavailable(f"{runtime} is not installed here ({exc}); "
                                      "pip install 'clipserve[openvino]'") from exc
@@ -108,14 +117,15 @@ class Session:
 
 
 def make_session(path, runtime: str = "onnxruntime", precision: Precision | str = Precision.FP32,
-                 threads: int = 0) -> Session:
-    """A CPU session of ``runtime`` configured for ``precision`` as the endpoint will be.
+                 threads: int = 0, **threading) -> Session:
+    """A CPU session of ``runtime`` configured for ``precision`` as the endpoint will be
+    (``threading``: inter_op_threads, allow_spinning; see :func:`runtime_options`).
 
     Raises:
         RuntimeUnavailable: the runtime is missing or cannot compile the file.
         ValueError: see :func:`runtime_options`.
     """
-    return Session(Path(path), runtime, runtime_options(runtime, precision, threads))
+    return Session(Path(path), runtime, runtime_options(runtime, precision, threads, **threading))
 
 
 def _throughput(session, batch: np.ndarray, seconds: float) -> float:
@@ -132,7 +142,7 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def choose_runtime(onnx_path, precision: Precision | str, sample_batch: np.ndarray,
                    seconds: float = 1.0, threads: int = 0, reference_path=None,
-                   allowed=RUNTIMES) -> tuple[str, dict]:
+                   allowed=RUNTIMES, **threading) -> tuple[str, dict]:
     """Pick the faster runtime for one endpoint by measuring each candidate here.
 
     Each candidate runs ``sample_batch`` for about ``seconds`` (evaluate.throughput) and its
@@ -150,13 +160,13 @@ def choose_runtime(onnx_path, precision: Precision | str, sample_batch: np.ndarr
     precision = Precision(precision)
     pool = [r for r in candidates(precision) if r in allowed]
     reference = make_session(reference_path or onnx_path, "onnxruntime", Precision.FP32,
-                             threads)
+                             threads, **threading)
     name = reference.get_inputs()[0].name
     ref_out = reference.run(None, {name: sample_batch})[0]
     figures, errors = {}, {}
     for runtime in pool:
         try:
-            session = make_session(onnx_path, runtime, precision, threads)
+            session = make_session(onnx_path, runtime, precision, threads, **threading)
             out = session.run(None, {name: sample_batch})[0]
             figures[runtime] = {"items_per_s": round(_throughput(session, sample_batch, seconds), 2),
                                 "min_cosine_to_ort": round(_min_cosine(out, ref_out), 6)}
@@ -216,14 +226,15 @@ def bf16_plan(cpu, allow_emulated: bool, backend: str = "python") -> tuple[bool,
 
 
 def plan_runtime(requested: str, onnx_path, precision: Precision | str, sample_batch: np.ndarray,
-                 seconds: float = 1.0, threads: int = 0) -> tuple[str, dict, dict]:
+                 seconds: float = 1.0, threads: int = 0, **threading) -> tuple[str, dict, dict]:
     """The runtime of one python-backend endpoint, as ``clipserve export --runtime`` asks.
 
     Args:
         requested: "auto" (measure with :func:`choose_runtime`), "onnxruntime" or "openvino"
             (used as given, except bf16, which always runs on openvino).
         onnx_path: the endpoint's model.onnx; sample_batch, seconds: the measurement's input
-            and duration; threads: intra-op threads of the served endpoint (0: all cores).
+            and duration; threads: intra-op threads of the served endpoint (0: all cores);
+            threading: its inter_op_threads and allow_spinning (measured as served).
 
     Returns:
         (runtime, config.pbtxt parameters, info for the sidecar's quantization["runtime"]).
@@ -234,18 +245,19 @@ def plan_runtime(requested: str, onnx_path, precision: Precision | str, sample_b
     """
     precision = Precision(precision)
     if requested == "auto":
-        runtime, info = choose_runtime(onnx_path, precision, sample_batch, seconds, threads)
+        runtime, info = choose_runtime(onnx_path, precision, sample_batch, seconds, threads,
+                                       **threading)
         why = f"auto: {runtime}, {info['why']}"
     else:
         runtime = "openvino" if precision is Precision.BF16 else requested
         why = f"--runtime {requested}"
         try:
-            make_session(onnx_path, runtime, precision, threads)  # fails here, not in Triton
+            make_session(onnx_path, runtime, precision, threads, **threading)  # fails here
         except RuntimeUnavailable as exc:
             if runtime == "onnxruntime" or precision is Precision.BF16:
                 raise
             runtime, why = "onnxruntime", f"--runtime {requested} unavailable ({exc})"
         info = {"chosen": runtime, "why": why, "openvino": openvino_version()}
-    options = runtime_options(runtime, precision, threads)
+    options = runtime_options(runtime, precision, threads, **threading)
     options["runtime_choice"] = why
     return runtime, options, info

@@ -12,6 +12,12 @@ config.pbtxt parameters (all string values):
   (QDQ int8 included). Where openvino cannot be imported or cannot compile the graph, the model
   logs why and runs onnxruntime instead, so a repository stays servable without it.
 - ``intra_op_threads``: compute threads (0: all cores). OpenVINO: INFERENCE_NUM_THREADS.
+- ``inter_op_threads`` (onnxruntime): threads across graph nodes; above 1 the session runs
+  with ORT_PARALLEL, otherwise sequentially (default 1).
+- ``allow_spinning`` (onnxruntime): ``1`` lets idle pool threads spin waiting for work
+  (``session.intra_op.allow_spinning`` and ``session.inter_op.allow_spinning``); ``0``
+  (default, as the export writes it) makes them sleep, leaving the cores to the gateway.
+  OpenVINO has no such setting.
 - ``openvino_precision_hint``: INFERENCE_PRECISION_HINT (``f32``, ``bf16``, ``f16``; empty:
   the runtime's default, which is bf16 on CPUs with native bf16, so FP32 endpoints set f32).
 - ``openvino_streams``: NUM_STREAMS (default 1: Triton runs one batch per instance at a time).
@@ -38,13 +44,19 @@ def _parameter(config, key, default):
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
 
 
-def build_onnxruntime(path, threads=0, providers=("CPUExecutionProvider",)):
+def build_onnxruntime(path, threads=0, providers=("CPUExecutionProvider",), inter_op_threads=1,
+                      allow_spinning=False):
     """An onnxruntime session on ``path`` (threads 0: all cores). Returns a callable
     ``run(input_name, batch) -> first output``."""
     options = ort.SessionOptions()
     # 0 lets onnxruntime use every core; set lower when several instances share a node.
     options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
+    options.inter_op_num_threads = int(inter_op_threads)
+    options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if int(inter_op_threads) > 1
+                              else ort.ExecutionMode.ORT_SEQUENTIAL)
+    spin = "1" if allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     available = [p for p in providers if p in ort.get_available_providers()]
     session = ort.InferenceSession(str(path), options, providers=available or None)
@@ -118,7 +130,9 @@ class TritonPythonModel:
                 self.runtime = "onnxruntime"
         if self.run is None:
             wanted = _parameter(config, "execution_providers", "CPUExecutionProvider").split(",")
-            self.run = build_onnxruntime(path, threads, wanted)
+            self.run = build_onnxruntime(
+                path, threads, wanted, int(_parameter(config, "inter_op_threads", "1")),
+                _parameter(config, "allow_spinning", "0") == "1")
         _log_info(f"{config.get('name')}: serving with {self.runtime}")
 
     def _check(self, array):

@@ -110,6 +110,11 @@ class ServerConfig:
         "items of one EmbedStream call in flight at once (the rest wait: backpressure)"))
     request_timeout_s: float = field(default=30.0, metadata=_help(
         "deadline for calls whose client sets none, and upper bound for those that do"))
+    endpoint_warmup: bool = field(default=True, metadata=_help(
+        "send each endpoint one warm-up request when Triton reports it READY; it is routable, "
+        "and health SERVING, only once it (and every other READY endpoint) has answered"))
+    endpoint_warmup_timeout_s: float = field(default=60.0, metadata=_help(
+        "deadline of one warm-up request (retried at the next health poll)"))
     health_poll_s: float = field(default=1.0, metadata=_help(
         "how often Triton readiness is polled into gRPC health"))
     shutdown_grace_s: float = field(default=10.0, metadata=_help(
@@ -208,7 +213,7 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 (automatic) or more, got {getattr(self, name)}")
         for name in ("triton_start_timeout_s", "routing_poll_s", "request_timeout_s",
-                     "health_poll_s", "api_keys_poll_s"):
+                     "health_poll_s", "api_keys_poll_s", "endpoint_warmup_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.shutdown_grace_s < 0:

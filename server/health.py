@@ -3,20 +3,34 @@
 A background task polls the backend; the servicer reads the last snapshot (:class:`BackendState`)
 instead of asking Triton on every call, so a down Triton costs a call nothing but a dictionary
 lookup before it gets UNAVAILABLE.
+
+Warm-up is part of readiness: an endpoint of the repository that Triton reports READY becomes
+routable only once it has answered one warm-up request from the gateway (a batch of one zero
+input through the same Triton client the calls use, so its gRPC channel, Triton's scheduler and
+the model's first run are paid before a user's call), and the gateway reports SERVING (gRPC
+health, HTTP readiness) only once every such endpoint has. Triton's own ``model_warmup`` in
+config.pbtxt warms each instance before the model is READY; this one also covers a repository
+exported without it and the path from the gateway to Triton. An endpoint that leaves READY
+(Triton restarted) warms up again when it comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
+import numpy as np
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from clipserve.endpoints import Tower
+
 from .backend import Backend
 from .metrics import ServerMetrics
+from .repository import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -31,49 +45,113 @@ class BackendState:
     Attributes:
         server_ready: Triton answers and reports itself ready (with strict readiness: every
             model loaded).
-        ready_models: models Triton reports READY; an endpoint outside it gets UNAVAILABLE.
+        ready_models: models Triton reports READY that are routable (repository endpoints
+            only once they answered their warm-up request); an endpoint outside it gets
+            UNAVAILABLE.
+        serving: what health and HTTP readiness report: Triton ready and every repository
+            endpoint it reports READY warmed up.
     """
 
     server_ready: bool = False
     ready_models: frozenset[str] = frozenset()
+    serving: bool = False
 
     def is_ready(self, model: str) -> bool:
         return model in self.ready_models
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """The warm-up request of one endpoint: ``batch`` fed as ``input_name``."""
+
+    input_name: str
+    batch: np.ndarray
+
+
+def catalog_warmups(catalog: Catalog) -> Callable[[str], Warmup | None]:
+    """Warm-up requests for the endpoints of ``catalog`` (looked up when needed, so endpoints
+    added to the catalog later warm up too): one zero input of the endpoint's shape and dtype,
+    as Triton's ``zero_data`` warm-up; None for a model that is not an endpoint."""
+    def warmup(model: str) -> Warmup | None:
+        spec = catalog.by_name(model)
+        if spec is None:
+            return None
+        if spec.tower is Tower.IMAGE:
+            size = spec.sidecar.image_size
+            return Warmup(spec.input_name, np.zeros((1, size, size, 3), np.uint8))
+        return Warmup(spec.input_name, np.zeros((1, spec.sidecar.context_length), np.int32))
+    return warmup
+
+
 class HealthMonitor:
-    """Polls ``backend`` every ``interval_s`` and publishes what it sees.
+    """Polls ``backend`` every ``interval_s``, warms up newly ready endpoints, and publishes
+    what it sees.
 
     Args:
         backend: what to poll.
         health: the gRPC health servicer; the empty service name and each of ``services`` are
-            SERVING exactly while Triton is ready.
+            SERVING exactly while :attr:`BackendState.serving`.
         services: fully qualified service names to report besides "".
         metrics: gets ``backend_ready``.
-        interval_s: seconds between polls (also each poll's timeout).
+        interval_s: seconds between polls (also each readiness RPC's timeout).
+        warmups: the warm-up request of a model (None: the model needs none, e.g. not an
+            endpoint); None: no warm-up at all, a READY model is routable at once.
+        warmup_timeout_s: deadline of one warm-up request; one that fails or times out is
+            logged and retried at the next poll, its endpoint not routable until it succeeds.
     """
 
     def __init__(self, backend: Backend, health: health_aio.HealthServicer,
-                 services: Iterable[str], metrics: ServerMetrics, interval_s: float):
+                 services: Iterable[str], metrics: ServerMetrics, interval_s: float,
+                 warmups: Callable[[str], Warmup | None] | None = None,
+                 warmup_timeout_s: float = 60.0):
         self._backend = backend
         self._health = health
         self._services = ("", *services)
         self._metrics = metrics
         self._interval_s = interval_s
+        self._warmups = warmups or (lambda model: None)
+        self._warmup_timeout_s = warmup_timeout_s
+        self._warm: set[str] = set()
         self.state = BackendState()
 
+    async def _warm_up(self, model: str, warmup: Warmup) -> None:
+        start = time.perf_counter()
+        try:
+            await self._backend.embed(model, warmup.input_name, warmup.batch,
+                                      self._warmup_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # ServingError or a backend bug: retried at the next poll
+            log.warning("%s: warm-up request failed (%s); not routable until one succeeds",
+                        model, exc)
+            return
+        self._warm.add(model)
+        log.info("%s answered its warm-up request in %.1f ms", model,
+                 (time.perf_counter() - start) * 1e3)
+
     async def poll_once(self) -> BackendState:
-        """Take one snapshot and publish it; returns it."""
+        """Take one snapshot, warm up the endpoints that became READY, publish it; returns
+        it. Waits for those warm-ups (each bounded by ``warmup_timeout_s``)."""
         timeout = max(self._interval_s, 0.5)
         server_ready, models = await asyncio.gather(
             self._backend.server_ready(timeout), self._backend.ready_models(timeout))
-        state = BackendState(server_ready=server_ready, ready_models=frozenset(models))
+        models = frozenset(models)
+        self._warm &= models  # one that left READY (Triton restarted) warms up again
+        pending = {m: w for m in sorted(models - self._warm)
+                   if (w := self._warmups(m)) is not None}
+        if pending:
+            await asyncio.gather(*(self._warm_up(m, w) for m, w in pending.items()))
+        routable = frozenset(m for m in models if m in self._warm or m not in pending)
+        state = BackendState(server_ready=server_ready, ready_models=routable,
+                             serving=server_ready and routable == models)
         if state.server_ready != self.state.server_ready:
             log.info("Triton is %s", "ready" if state.server_ready else "NOT ready")
         if state.ready_models != self.state.ready_models:
             log.info("ready endpoints: %s", ", ".join(sorted(state.ready_models)) or "none")
+        if state.serving != self.state.serving:
+            log.info("health: %s", "SERVING" if state.serving else "NOT_SERVING")
         self.state = state
-        status = SERVING if state.server_ready else NOT_SERVING
+        status = SERVING if state.serving else NOT_SERVING
         for service in self._services:
             await self._health.set(service, status)
         self._metrics.backend_ready.set(1 if state.server_ready else 0)

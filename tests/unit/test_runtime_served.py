@@ -48,6 +48,9 @@ def test_retarget_writes_each_runtime_and_leaves_the_source_alone(tmp_path):
             assert 'openvino_precision_hint" value: { string_value: "f32"' in \
                 (dest / "s_fp32_image" / "config.pbtxt").read_text()
     assert {p.name: (p / "config.pbtxt").read_text() for p in source.iterdir()} == before
+    dropped = runtime_served.retarget_repository(source, tmp_path / "d", "onnxruntime",
+                                                 drop_bf16=True)
+    assert sorted(p.name for p in dropped.iterdir()) == ["s_fp32_image", "s_int8_image"]
     with pytest.raises(ValueError, match="no endpoints"):
         runtime_served.retarget_repository(tmp_path / "openvino" / "s_fp32_image" / "1",
                                            tmp_path / "x", "openvino")

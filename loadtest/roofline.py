@@ -198,7 +198,7 @@ def analytic_peaks(cpu, ghz: float | None, fma_ports: int = FMA_PORTS) -> dict[s
         return {}
     per_cycle, fma = fp32_flops_per_cycle(cpu, fma_ports)
     base = cpu.cores * ghz * per_cycle
+    clock = f"{cpu.cores} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({fma})"
     return {p: {"gflops": round(base * f, 1), "factor": f,
-                "assumes": f"{why}; {cpu.cores} cores x {ghz:.2f} GHz x {per_cycle} fp32 "
-                           f"FLOP/cycle ({fma})"}
+                "assumes": clock if p == "fp32" else f"{why}, {f:g}x of {clock}"}
             for p, (f, why) in precision_peak_factors(cpu).items()}

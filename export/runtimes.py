@@ -208,8 +208,11 @@ def bf16_plan(cpu, allow_emulated: bool, backend: str = "python") -> tuple[bool,
                        "precision_mode: FP32/FP16/INT8)")
     if openvino_version() is None:
         return False, "bf16 needs OpenVINO (pip install 'clipserve[openvino]')"
+    if cpu.amx:
+        return True, "bf16 native on this CPU (AMX)"
     if cpu.bf16_native:
-        return True, f"bf16 native on this CPU ({'AMX' if cpu.amx else 'AVX512_BF16'})"
+        return True, ("bf16 native on this CPU (AVX512_BF16, no AMX: at most 2x the fp32 peak; "
+                      "on the AMX-less Xeon in BENCHMARKS.md OpenVINO ran it slower than f32)")
     if allow_emulated:
         return True, "bf16 emulated on this CPU (no AVX512_BF16/AMX): slower than fp32, as asked"
     return False, ("this CPU has no AVX512_BF16 or AMX: bf16 would be emulated and slower than "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from clipserve.endpoints import Precision
 
-BACKENDS = ("python", "onnxruntime")
+BACKENDS = ("python", "onnxruntime", "openvino")
 # --runtime: what the python backend's model.py runs (export/runtimes.py); auto measures.
 RUNTIME_CHOICES = ("auto", "onnxruntime", "openvino")
 INT4_BLOCK_SIZE = 32
@@ -83,7 +83,9 @@ class ExportConfig(EvaluationData):
         "help": "where trained checkpoints and intermediate ONNX files are cached"})
     backend: str = field(default="python", metadata={
         "help": "Triton backend: 'python' (onnxruntime in Triton's Python backend; runs on the "
-                "CPU tritonserver of nvidia-pytriton) or 'onnxruntime' (NVIDIA's GPU images)"})
+                "CPU tritonserver of nvidia-pytriton), 'onnxruntime' (NVIDIA's GPU images) or "
+                "'openvino' (NVIDIA's OpenVINO backend in their CPU/x86 images: "
+                "k8s/overlays/cpu-openvino)"})
     tensorrt: bool = field(default=False, metadata={
         "help": "with --backend onnxruntime: enable the TensorRT accelerator where it applies; "
                 "int8 endpoints then get TensorRT-ready symmetric int8 Q/DQ graphs (zero "

@@ -158,11 +158,32 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
             served[p, t] = (runtime, options)
             quantization["runtime"] = info
             say(f"{tag} {p.value} {t.value}: runtime {options['runtime_choice']}")
-    sessions = {(p, t): runtimes.make_session(
-                    variants[p, t][0], served[p, t][0], p, config.intra_op_threads,
-                    inter_op_threads=config.inter_op_threads, allow_spinning=config.allow_spinning)
-                if served[p, t][1] else evaluate.make_session(variants[p, t][0])
-                for p in evaluated for t in Tower}
+    elif config.backend == "openvino":  # NVIDIA's backend: OpenVINO with its defaults
+        from clipserve import cpu as cpu_info
+        from clipserve.export import openvino_backend
+
+        machine = cpu_info.detect()
+        for (p, t), (path, quantization) in variants.items():
+            note = openvino_backend.precision_note(p, machine)
+            served[p, t] = ("openvino", {
+                "openvino_precision_hint": "bf16" if p is Precision.BF16 else "",
+                "openvino_streams": "1", "note": note})
+            quantization["runtime"] = {"chosen": "openvino", "computes": note,
+                                       "why": "--backend openvino (NVIDIA's openvino backend)",
+                                       "openvino": runtimes.openvino_version()}
+        say(f"{tag}: NVIDIA's openvino backend; fp32 computes as: "
+            f"{openvino_backend.precision_note(Precision.FP32, machine)}")
+
+    def served_session(p, t):
+        runtime, options = served[p, t]
+        if options is None:
+            return evaluate.make_session(variants[p, t][0])
+        if config.backend == "openvino":  # the backend's own settings, not the python one's
+            return runtimes.Session(variants[p, t][0], runtime, options)
+        return runtimes.make_session(variants[p, t][0], runtime, p, config.intra_op_threads,
+                                     inter_op_threads=config.inter_op_threads,
+                                     allow_spinning=config.allow_spinning)
+    sessions = {(p, t): served_session(p, t) for p in evaluated for t in Tower}
     result = quality.evaluate_model(
         scale=tag, sessions=sessions, suite=suite, prompt_ids=prompt_ids,
         caption_ids=caption_ids, probe_ids=probe_ids, image_size=shapes.image_size,

@@ -8,6 +8,8 @@ backends:
 - ``onnxruntime``: ``platform: "onnxruntime_onnx"`` for NVIDIA's Triton images on GPUs,
   optionally with the TensorRT accelerator where TensorRT can run the graph (FP32, FP16 and
   static QDQ INT8; dynamic INT8 and INT4 use ops TensorRT lacks and run on the CUDA EP).
+- ``openvino``: ``backend: "openvino"``, NVIDIA's OpenVINO backend on CPUs (its config:
+  :mod:`.openvino_backend`).
 
 How Triton runs each model on the CPU (threads, spinning, instances, batching delay, preferred
 batch sizes, warm-up) is a :class:`ServingPolicy`, set by export flags and written into the
@@ -119,6 +121,12 @@ def config_pbtxt(name: str, tower: Tower, sidecar: Sidecar, backend: str,
         ValueError: unknown backend; a runtime other than onnxruntime on the onnxruntime
             backend; a parameter value with a quote, backslash or newline.
     """
+    if backend == "openvino":  # NVIDIA's OpenVINO backend: its own parameters, no model.py
+        from clipserve.export import openvino_backend
+
+        return openvino_backend.config_pbtxt(name, tower, sidecar, precision,
+                                             instances=instances,
+                                             note=(runtime_options or {}).get("note", ""))
     if tower is Tower.IMAGE:
         input_name, dtype = IMAGE_INPUT, "TYPE_UINT8"
         dims = [sidecar.image_size, sidecar.image_size, 3]

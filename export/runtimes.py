@@ -205,19 +205,24 @@ def choose_runtime(onnx_path, precision: Precision | str, sample_batch: np.ndarr
 def bf16_plan(cpu, allow_emulated: bool, backend: str = "python") -> tuple[bool, str]:
     """Whether to export bf16 here, and the reason, from :class:`clipserve.cpu.CpuInfo`.
 
-    bf16 runs on the CPU through OpenVINO (Triton's python backend). Without AVX512_BF16/AMX
+    bf16 runs on the CPU through OpenVINO (Triton's python backend, or NVIDIA's openvino
+    backend with HINT_BF16). Without AVX512_BF16/AMX
     the CPU plugin emulates it through f32 conversions: slower than fp32 and no more faithful,
     so it is skipped unless ``allow_emulated``. On ``--backend onnxruntime`` (NVIDIA's GPU
     images) there is no bf16 path: Triton's TensorRT accelerator takes precision_mode FP32,
     FP16 or INT8 only, and the CUDA EP would run the FP32 graph in float32.
     """
-    if backend != "python":
-        return False, ("bf16 is served by OpenVINO in the python backend; Triton's onnxruntime "
-                       "backend has no bf16 mode (TensorRT precision_mode: FP32/FP16/INT8)")
+    if backend not in ("python", "openvino"):
+        return False, ("bf16 is served by OpenVINO (the python backend, or NVIDIA's openvino "
+                       "backend); Triton's onnxruntime backend has no bf16 mode (TensorRT "
+                       "precision_mode: FP32/FP16/INT8)")
     if openvino_version() is None:
         return False, "bf16 needs OpenVINO (pip install 'clipserve[openvino]')"
+    if cpu.amx:
+        return True, "bf16 native on this CPU (AMX)"
     if cpu.bf16_native:
-        return True, f"bf16 native on this CPU ({'AMX' if cpu.amx else 'AVX512_BF16'})"
+        return True, ("bf16 native on this CPU (AVX512_BF16, no AMX: at most 2x the fp32 peak; "
+                      "on the AMX-less Xeon in BENCHMARKS.md OpenVINO ran it slower than f32)")
     if allow_emulated:
         return True, "bf16 emulated on this CPU (no AVX512_BF16/AMX): slower than fp32, as asked"
     return False, ("this CPU has no AVX512_BF16 or AMX: bf16 would be emulated and slower than "

@@ -128,8 +128,9 @@ def vit_image_flops(image_size: int, patch: int, width: int, layers: int, embed_
 # - AVX512_BF16 VDPBF16PS: 2 bf16 products accumulated per float32 lane -> 2x.
 # - VNNI VPDPBUSD (AVX512_VNNI / AVX_VNNI): 4 u8 x s8 products per int32 lane -> 4x.
 # - int8 without VNNI: VPMADDUBSW + VPMADDWD (+ add), about 2x at best.
-# - AMX (per core per cycle: TDPBF16PS 1024 bf16 MACs, TDPBSSD 2048 int8 MACs, against 32 fp32
-#   MACs of two AVX-512 FMA ports) -> bf16 16x, int8 32x of the AVX-512 float32 peak.
+# - AMX (per core per cycle, Intel's figures: 1024 bf16 FLOPs through TDPBF16PS, 2048 int8 ops
+#   through TDPBSSD, against 64 fp32 FLOPs of two AVX-512 FMA ports) -> bf16 16x, int8 32x of
+#   the AVX-512 float32 peak.
 # fp16 computes in float32 on CPUs (its weights are converted), so its peak is fp32's; int4
 # (MatMulNBits, accuracy level 4) multiplies int8-quantized activations, so its peak is int8's.
 # These are upper bounds; memory bandwidth and the non-matmul ops keep real graphs below them.
@@ -149,4 +150,55 @@ def precision_peaks(cpu, fp32_gflops: float) -> dict[str, dict]:
     """Attainable G(FL)OP/s per precision: the measured float32 matmul times
     :func:`precision_peak_factors`. Returns {precision: {"gflops", "factor", "assumes"}}."""
     return {p: {"gflops": round(fp32_gflops * f, 2), "factor": f, "assumes": why}
+            for p, (f, why) in precision_peak_factors(cpu).items()}
+
+
+# float32 FLOPs per cycle per core of the widest FMA the flags show, assuming two FMA ports (most
+# server cores since Haswell/Skylake-SP; a one-port AVX-512 part halves it): lanes x 2 (an FMA is
+# a multiply and an add) x ports.
+FMA_PORTS = 2
+
+
+def fp32_flops_per_cycle(cpu, fma_ports: int = FMA_PORTS) -> tuple[int, str]:
+    """(float32 FLOPs per cycle per core, the instructions assumed) for the CPU's flags."""
+    if "avx512f" in cpu.flags:
+        lanes, isa = 16, "AVX-512 FMA"
+    elif "fma" in cpu.flags and "avx2" in cpu.flags:
+        lanes, isa = 8, "AVX2 FMA"
+    else:
+        return 4 * fma_ports, f"SSE mul+add, {fma_ports} ports"  # no FMA: a mul and an add port
+    return lanes * 2 * fma_ports, f"{isa} x {fma_ports} ports"
+
+
+def clock_ghz(cpuinfo: Path = Path("/proc/cpuinfo")) -> float | None:
+    """The first CPU's current clock from /proc/cpuinfo ("cpu MHz"), in GHz; None where it is
+    not readable (other OS, ARM kernels without the field). It is the clock at read time, not a
+    turbo ceiling: a spec-sheet peak at a higher all-core turbo would be higher."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == "cpu mhz":
+            try:
+                return float(value) / 1000.0
+            except ValueError:
+                return None
+    return None
+
+
+def analytic_peaks(cpu, ghz: float | None, fma_ports: int = FMA_PORTS) -> dict[str, dict]:
+    """Peak G(FL)OP/s per precision from the flags, the core count and the clock alone (no
+    measurement): cores x GHz x float32 FLOPs per cycle (:func:`fp32_flops_per_cycle`) x the
+    precision's factor (:func:`precision_peak_factors`), e.g. 2 cores x 2.3 GHz x 64 = 294
+    GFLOP/s fp32, 589 bf16 (AVX512_BF16), 1178 int8 (VNNI), 9421 bf16 / 18842 int8 with AMX.
+    Returns {precision: {"gflops", "factor", "assumes"}}; an empty dict without a clock."""
+    if not ghz or ghz <= 0:
+        return {}
+    per_cycle, fma = fp32_flops_per_cycle(cpu, fma_ports)
+    base = cpu.cores * ghz * per_cycle
+    clock = f"{cpu.cores} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({fma})"
+    return {p: {"gflops": round(base * f, 1), "factor": f,
+                "assumes": clock if p == "fp32" else f"{why}, {f:g}x of {clock}"}
             for p, (f, why) in precision_peak_factors(cpu).items()}

@@ -299,6 +299,37 @@ def test_cpu_overlay_runs_the_whole_stack_in_the_gateway_pod():
         "tritonserver in the pod needs the ONNX files"
 
 
+def test_cpu_openvino_overlay_runs_nvidias_openvino_backend_on_cpu_nodes():
+    """NVIDIA's Triton image (it ships backends/openvino) on CPU nodes behind the gateway, over
+    a repository whose configs `clipserve export --backend openvino` writes."""
+    from clipserve.endpoints import Precision, Sidecar, Tower
+    from clipserve.export import repository
+
+    docs = rendered("cpu-openvino")
+    triton = named(docs, "Deployment", "clipserve-triton")["spec"]["template"]["spec"]
+    (container,) = triton["containers"]
+    assert container["image"].startswith("nvcr.io/nvidia/tritonserver:")
+    assert container["image"].endswith("-py3"), "the -py3 images are the ones with openvino"
+    assert "nodeSelector" not in triton and "tolerations" not in triton
+    for bound in ("requests", "limits"):
+        assert not any("gpu" in key for key in container["resources"][bound]), bound
+    assert "--allow-gpu-metrics=false" in container["args"]
+    assert "--disable-auto-complete-config" in container["args"]  # the export writes it all
+    url = env_of(gateway_container(docs))["CLIPSERVE_TRITON_URL"]
+    host, port = url.split(":")
+    assert host == "clipserve-triton" and int(port) == container_ports(triton)["grpc"]
+    assert "--grpc-port=" + port in container["args"]
+    (init,) = triton["initContainers"]
+    assert init["image"].split(":")[-1].endswith("openvino")
+    sidecar = Sidecar(scale="s", precision="fp32", tower="image", embed_dim=4, source="x",
+                      image_size=8)
+    config = repository.config_pbtxt("s_fp32_image", Tower.IMAGE, sidecar, "openvino",
+                                     Precision.FP32)
+    assert 'backend: "openvino"' in config and 'default_model_filename: "model.onnx"' in config
+    assert "clipserve export --backend openvino" in (
+        K8S / "overlays" / "cpu-openvino" / "kustomization.yaml").read_text()
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_hpa_metrics_are_published_by_the_adapter_rules(overlay):
     rules = yaml.safe_load((K8S / "prometheus-adapter" / "rules.yaml").read_text())

@@ -11,9 +11,10 @@ from clipserve.server.config import ServerConfig
 from clipserve.server.metrics import ServerMetrics
 
 
-def test_default_is_the_available_cores_and_an_explicit_count_wins(monkeypatch):
+def test_default_is_one_zero_is_the_available_cores_and_an_explicit_count_wins(monkeypatch):
     monkeypatch.setattr(workers, "available_cores", lambda: 3)
-    assert workers.effective_workers(ServerConfig()) == 3
+    assert workers.effective_workers(ServerConfig()) == 1  # one ReportOutcome store
+    assert workers.effective_workers(ServerConfig(workers=0)) == 3
     assert workers.effective_workers(ServerConfig(workers=1)) == 1
     assert workers.effective_workers(ServerConfig(workers=5)) == 5
 

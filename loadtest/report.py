@@ -102,6 +102,24 @@ def format_sweep(sweep: SweepResult) -> str:
     return "\n".join(lines)
 
 
+def replace_section(path: Path, section: str, start: str, end: str,
+                    after: str | None = None) -> None:
+    """Replace the part of the Markdown file ``path`` between the ``start`` and ``end``
+    markers with ``section`` (which carries the markers). A new section goes right after the
+    marker ``after`` when the file has it, else at the end; a missing file starts as
+    "# clipserve benchmarks"."""
+    text = path.read_text() if path.is_file() else "# clipserve benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    elif after is not None and after in text:
+        head, rest = text.split(after, 1)
+        text = head + after + "\n\n" + section.rstrip("\n") + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
 def write_json(data: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -189,13 +189,9 @@ def table_lines(rows: list[dict]) -> list[str]:
 
 def write_section(path: Path, section: str) -> None:
     """Replace the runtime-axis section of ``path`` (or append it)."""
-    text = path.read_text() if path.is_file() else "# clipserve benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    from clipserve.loadtest.report import replace_section
+
+    replace_section(path, section, START, END)
 
 
 def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdown_path: Path,

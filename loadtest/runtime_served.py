@@ -300,16 +300,9 @@ def verdict_lines(result: dict) -> list[str]:
 def write_section(path: Path, section: str) -> None:
     """Replace the runtime-served section of ``path``; a new one goes right after the
     runtime-axis section (or at the end)."""
-    text = path.read_text() if path.is_file() else "# clipserve benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    elif runtime_bench.END in text:
-        head, rest = text.split(runtime_bench.END, 1)
-        text = head + runtime_bench.END + "\n\n" + section.rstrip("\n") + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    from clipserve.loadtest.report import replace_section
+
+    replace_section(path, section, START, END, after=runtime_bench.END)
 
 
 def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int = 8,

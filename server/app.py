@@ -293,18 +293,9 @@ class Gateway:
 
         if self.config.triton_url:
             return TritonBackend(self.config.triton_url)
-        from .triton_process import TritonProcess
+        from .triton_process import start_child
 
-        # Triton's own /metrics on triton_metrics_address (loopback unless configured); its
-        # gRPC/HTTP stay on loopback so inference cannot bypass the gateway's keys.
-        self._triton = TritonProcess(Path(self.config.repository),
-                                     metrics_port=self.config.triton_metrics_port,
-                                     metrics_address=self.config.triton_metrics_address)
-        log.info("starting tritonserver on %s", self.config.repository)
-        # start() blocks until every model is ready (or raises with Triton's log excerpt).
-        await asyncio.to_thread(self._triton.start, self.config.triton_start_timeout_s)
-        log.info("tritonserver ready at %s; its metrics at %s", self._triton.grpc_url,
-                 self._triton.metrics_url)
+        self._triton = await start_child(self.config)
         return TritonBackend(self._triton.grpc_url)
 
     def reload(self) -> None:

@@ -503,3 +503,18 @@ class TritonProcess:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+async def start_child(config) -> "TritonProcess":
+    """Start the gateway's child tritonserver on ``config.repository`` (a ServerConfig) and
+    wait until every model is ready (or raise with Triton's log excerpt). Triton's own
+    /metrics binds ``triton_metrics_address`` (loopback unless configured); its gRPC/HTTP stay
+    on loopback so inference cannot bypass the gateway's keys."""
+    import asyncio
+
+    triton = TritonProcess(Path(config.repository), metrics_port=config.triton_metrics_port,
+                           metrics_address=config.triton_metrics_address)
+    log.info("starting tritonserver on %s", config.repository)
+    await asyncio.to_thread(triton.start, config.triton_start_timeout_s)
+    log.info("tritonserver ready at %s; its metrics at %s", triton.grpc_url, triton.metrics_url)
+    return triton

@@ -150,15 +150,9 @@ class Supervisor:
                  config.host, self.metrics_port)
 
     async def _start_triton(self) -> str:
-        from .triton_process import TritonProcess
+        from .triton_process import start_child
 
-        self._triton = TritonProcess(Path(self.config.repository),
-                                     metrics_port=self.config.triton_metrics_port,
-                                     metrics_address=self.config.triton_metrics_address)
-        log.info("starting tritonserver on %s", self.config.repository)
-        await asyncio.to_thread(self._triton.start, self.config.triton_start_timeout_s)
-        log.info("tritonserver ready at %s; its metrics at %s", self._triton.grpc_url,
-                 self._triton.metrics_url)
+        self._triton = await start_child(self.config)
         return self._triton.grpc_url
 
     def reload(self) -> None:

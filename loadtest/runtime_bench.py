@@ -197,10 +197,6 @@ def write_section(path: Path, section: str) -> None:
 def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdown_path: Path,
         cache: Path, matmul_n: int = 1024, rounds: int = 2, log=print) -> dict:
     """The whole runtime-axis benchmark; returns what it writes to runtime_axis.json."""
-    import onnxruntime
-
-    from clipserve.export import runtimes
-
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     load_start = os.getloadavg()
     machine = cpu_info.detect()
@@ -216,10 +212,7 @@ def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdow
               "command": "python -m clipserve.loadtest.runtime_bench " + " ".join(sys.argv[1:]),
               "config": {"model": model, "batch": batch, "threads": threads, "seconds": seconds,
                          "rounds": rounds, "matmul_n": matmul_n},
-              "machine": {"cpu": {**machine.as_dict(), "describe": machine.describe()},
-                          "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                          "versions": {"onnxruntime": onnxruntime.__version__,
-                                       "openvino": runtimes.openvino_version()}},
+              "machine": machine_record(machine, load_start),
               "image_size": size, "image_gflop": flops / 1e9, "peaks": peaks,
               "int8_info": files["int8_info"], "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +220,19 @@ def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdow
     write_section(markdown_path, markdown(result))
     log(f"wrote {out / 'runtime_axis.json'} and {markdown_path}")
     return result
+
+
+def machine_record(machine, load_start, **extra) -> dict:
+    """What a runtime benchmark records of the machine it ran on: the CPU and its flags, how
+    busy it was at the start and the end, and the runtimes' versions."""
+    import onnxruntime
+
+    from clipserve.export import runtimes
+
+    return {"cpu": {**machine.as_dict(), "describe": machine.describe()}, **extra,
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "versions": {"onnxruntime": onnxruntime.__version__,
+                         "openvino": runtimes.openvino_version()}}
 
 
 def main(argv: list[str] | None = None) -> int:

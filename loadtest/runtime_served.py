@@ -309,8 +309,6 @@ def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int
         concurrency: int = 2, seconds: float = 4.0, warmup: float = 1.5, rounds: int = 2,
         threads: int = 0, matmul_n: int = 1024, log=print) -> dict:
     """The whole served runtime axis; returns what it writes to runtime_served.json."""
-    import onnxruntime
-
     from clipserve.export import evaluate, runtimes
     from clipserve.server.repository import Catalog
     from clipserve.server.triton_process import TritonProcess
@@ -388,11 +386,7 @@ def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int
               "config": {"repository": str(repository), "scale": scale, "batch": batch,
                          "concurrency": concurrency, "seconds": seconds, "warmup": warmup,
                          "rounds": rounds, "threads": threads, "matmul_n": matmul_n},
-              "machine": {"cpu": {**machine.as_dict(), "describe": machine.describe()},
-                          "clock_ghz": ghz, "loadavg_start": load_start,
-                          "loadavg_end": os.getloadavg(),
-                          "versions": {"onnxruntime": onnxruntime.__version__,
-                                       "openvino": runtimes.openvino_version()}},
+              "machine": runtime_bench.machine_record(machine, load_start, clock_ghz=ghz),
               "image_size": size, "image_gflop": flops / 1e9, "peaks": peaks,
               "raw_rows": raw_rows, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

@@ -189,3 +189,48 @@ def test_scale_study_reports_a_trend_only_from_several_sizes():
     (trend,) = [t for t in report.scale_trends(report.scale_study(rows)) if t["metric"] == "top1"]
     assert trend["hi"] < 0  # bigger model, bigger loss here: a detectable negative slope
     assert "change detectably with scale" in report.scale_conclusion([trend])
+
+
+def test_feature_score_thresholds_keep_95_percent_of_new_id_items_not_only_of_the_fitted_ones():
+    # 10 classes, 27 items each, in 192 dimensions: the digits-l calibration split's shape.
+    # Fitted and thresholded on the same items, Mahalanobis flagged 23% of held-out digits.
+    rng = np.random.default_rng(3)
+    dim, per_class, classes = 192, 27, 10
+    centres = rng.normal(size=(classes, dim))
+
+    def draw(n):
+        labels = np.repeat(np.arange(classes), n)
+        return centres[labels] * 0.3 + rng.normal(size=(len(labels), dim)), labels
+
+    cal_x, cal_y = draw(per_class)
+    new_x, _ = draw(400)  # 4000 fresh ID items
+    knn_state = quality.cal.fit_knn(cal_x, k=10)
+    maha_state = quality.cal.fit_mahalanobis(cal_x, cal_y)
+    new_scores = {"knn": quality.cal.score_knn(knn_state, new_x),
+                  "mahalanobis": quality.cal.score_mahalanobis(maha_state, new_x)}
+    in_sample = {"knn": quality.cal.score_knn(knn_state, cal_x),
+                 "mahalanobis": quality.cal.score_mahalanobis(maha_state, cal_x)}
+    out_of_fold = quality.out_of_fold_scores(cal_x, cal_y, knn_k=10)
+    for score in ("knn", "mahalanobis"):
+        naive = (new_scores[score] < quality.cal.fit_ood_threshold(in_sample[score])).mean()
+        fixed = (new_scores[score] < quality.cal.fit_ood_threshold(out_of_fold[score])).mean()
+        # 270 calibration items: the threshold's own sampling error is about +-2.6 points.
+        assert fixed <= 0.09, (score, naive, fixed)
+        assert fixed >= 0.01, (score, naive, fixed)
+    # The in-sample threshold is the failure this guards against (it must be visible here).
+    naive_maha = (new_scores["mahalanobis"]
+                  < quality.cal.fit_ood_threshold(in_sample["mahalanobis"])).mean()
+    assert naive_maha > 0.15, naive_maha
+
+
+def test_out_of_fold_scores_cover_every_item_with_a_state_fitted_without_it():
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    y = np.repeat(np.arange(4), 10)
+    out = quality.out_of_fold_scores(x, y, knn_k=3)
+    assert set(out) == {"knn", "mahalanobis"}
+    for values in out.values():
+        assert values.shape == (40,) and np.isfinite(values).all()
+    # Out of fold, no item is its own neighbour: its kNN score is at most the in-sample one
+    # (equal where the same others are its neighbours), and below it for most items.
+    own = quality.cal.score_knn(quality.cal.fit_knn(x, k=3), x)
+    assert (out["knn"] <= own + 1e-9).all() and (out["knn"] < own - 1e-9).mean() > 0.5

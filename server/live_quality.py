@@ -32,7 +32,8 @@ from typing import Awaitable, Callable, Hashable, Iterable, Sequence
 import grpc
 import numpy as np
 
-from clipserve.calibration import load_ood_state, score_ece, score_kl, score_mcm, score_ood, softmax
+from clipserve.calibration import (average_prompts, compare_to_reference, label_cosines,
+                                   load_ood_state, score_ece, score_mcm, score_ood, softmax)
 from clipserve.endpoints import Precision, Tower
 
 from .errors import ServingError
@@ -136,14 +137,6 @@ class LabelSetKey:
     def prompts(self) -> list[str]:
         """Label-major: the prompts of label 0, then of label 1, ..."""
         return [t.replace(LABEL_SLOT, label) for label in self.labels for t in self.templates]
-
-
-def average_prompts(vectors: np.ndarray, n_labels: int) -> np.ndarray:
-    """CLIP's zero-shot recipe: the renormalised mean of each label's prompt embeddings.
-    ``vectors`` is label-major [n_labels * n_templates, D]; returns float32 [n_labels, D]."""
-    mean = np.asarray(vectors, dtype=np.float64).reshape(n_labels, -1, vectors.shape[-1])
-    mean = mean.mean(axis=1)
-    return (mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
 class LabelEmbeddingCache:
@@ -413,26 +406,10 @@ class Shadow:
             self._embed(reference, job.pixels), self._labels.get(job.key),
             self._labels.get(ref_key))
         cosines, kl, agreements = await asyncio.to_thread(
-            compare_embeddings, job.embeddings, served_labels, spec.sidecar.temperature,
+            compare_to_reference, job.embeddings, served_labels, spec.sidecar.temperature,
             ref_vectors, ref_labels, reference.sidecar.temperature)
         self._metrics.observe_shadow(spec.scale, spec.precision, self.reference, cosines, kl,
                                      agreements)
-
-
-def compare_embeddings(served: np.ndarray, served_labels: np.ndarray, served_t: float,
-                       reference: np.ndarray, reference_labels: np.ndarray,
-                       reference_t: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per image: cosine(served, reference) and KL(reference || served) between the softmax
-    outputs each precision gives over its own label embeddings; plus the number of images whose
-    top-1 agrees."""
-    served = np.asarray(served, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    norms = np.linalg.norm(served, axis=1) * np.linalg.norm(reference, axis=1)
-    cosines = np.clip((served * reference).sum(axis=1) / norms.clip(1e-12), -1.0, 1.0)
-    p_served = softmax(served @ served_labels.astype(np.float64).T, served_t)
-    p_reference = softmax(reference @ reference_labels.astype(np.float64).T, reference_t)
-    agreements = int((p_served.argmax(axis=1) == p_reference.argmax(axis=1)).sum())
-    return cosines, score_kl(p_reference, p_served), agreements
 
 
 # -- the facade the servicer uses ------------------------------------------------------------
@@ -623,7 +600,7 @@ class LiveQuality:
             self._metrics.observe_unscored(spec.scale, spec.precision, Unscored.LABELS_PENDING,
                                            len(vectors))
         else:
-            cosines = vectors.astype(np.float64) @ label_vectors.astype(np.float64).T
+            cosines = label_cosines(vectors, label_vectors)
             probabilities = softmax(cosines, spec.sidecar.temperature)
             self.record(spec, key, probabilities,
                         self.ood_scores(spec, vectors, cosines, probabilities), request_id)

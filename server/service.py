@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 import grpc
 import numpy as np
 
-from clipserve.calibration import softmax
+from clipserve.calibration import average_prompts, label_cosines, softmax
 from clipserve.endpoints import Precision, Tower, endpoint_name
 from clipserve.formats import OutputFormat, encode
 
@@ -35,8 +35,7 @@ from .config import ServerConfig
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
-from .live_quality import (FIT_COMMAND, LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings,
-                           average_prompts)
+from .live_quality import FIT_COMMAND, LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings
 from .metrics import Method, Phase, ServerMetrics
 from .metrics import Protocol as Frontend
 from .repository import Catalog, EndpointSpec
@@ -524,7 +523,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                 image_vectors(), self.live.labels.compute(key))
         else:
             pixels, image_emb = await image_vectors()
-        cosines = image_emb.astype(np.float64) @ label_emb.astype(np.float64).T
+        cosines = label_cosines(image_emb, label_emb)
         probabilities = softmax(cosines, sidecar.temperature)
         ood_scores = self.live.ood_scores(image_spec, image_emb, cosines, probabilities)
         self.live.classified(image_spec, key, probabilities, ood_scores, stored_id, pixels,

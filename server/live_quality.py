@@ -13,7 +13,8 @@ The pieces, each small and separately tested:
 - :class:`Shadow`: mirrors a fraction of image calls to a reference precision from a
   byte-bounded queue, drained by one background task; a full queue drops (and counts) instead
   of waiting, so the caller never pays for it.
-- :class:`LiveQuality`: what the servicer calls; owns the above.
+- :class:`LiveQuality`: what the servicer calls; owns the stores and the shadow, and shares
+  the label cache and the :class:`~.embedder.Embedder` with the servicer.
 
 The math is :mod:`clipserve.calibration`'s ``score_*`` functions; this module does bookkeeping.
 """
@@ -32,10 +33,11 @@ from typing import Awaitable, Callable, Hashable, Iterable, Sequence
 import grpc
 import numpy as np
 
-from clipserve.calibration import (average_prompts, compare_to_reference, label_cosines,
-                                   load_ood_state, score_ece, score_mcm, score_ood, softmax)
+from clipserve.calibration import (compare_to_reference, label_cosines, load_ood_state,
+                                   score_ece, score_mcm, score_ood, softmax)
 from clipserve.endpoints import Precision, Tower
 
+from .embedder import Embedder
 from .errors import ServingError
 from .metrics import Eviction, LabelSet, ServerMetrics, ShadowDrop, Unscored
 from .repository import Catalog, EndpointSpec
@@ -143,7 +145,7 @@ class LabelEmbeddingCache:
     """Label embeddings [n_labels, D] per :class:`LabelSetKey`, computed at most once at a time.
 
     Args:
-        compute: embeds one key's prompts (tokenize + text endpoint + :func:`average_prompts`).
+        compute: embeds one key's prompts (:meth:`.embedder.Embedder.embed_prompts`).
         metrics: gets hit/miss counts.
         max_bytes: memory budget (least recently used sets go first).
         retry_s: after a failed background fill, :meth:`prefetch` waits this long before
@@ -464,26 +466,26 @@ class LiveQuality:
         catalog: the repository's endpoints.
         metrics: where everything is published.
         settings: see :class:`LiveSettings`.
-        compute_labels: embeds a :class:`LabelSetKey` (the servicer's text path).
-        embed: runs an endpoint on a batch (for the shadow).
+        labels: the label-embedding cache the servicer's Classify uses too.
+        embedder: runs the shadow's reference endpoint.
+        timeout_s: for the shadow's reference calls (no caller waits on them).
         rng: shadow sampling randomness.
         clock: monotonic seconds for TTLs.
     """
 
     def __init__(self, *, catalog: Catalog, metrics: ServerMetrics, settings: LiveSettings,
-                 compute_labels: Callable[[LabelSetKey], Awaitable[np.ndarray]],
-                 embed: Callable[[EndpointSpec, np.ndarray], Awaitable[np.ndarray]],
+                 labels: LabelEmbeddingCache, embedder: Embedder, timeout_s: float,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
         self._catalog = catalog
         self._metrics = metrics
         self.settings = settings
-        self.labels = LabelEmbeddingCache(compute_labels, metrics,
-                                          settings.label_cache_max_bytes, clock=clock)
+        self.labels = labels
         self.outcomes = BoundedStore(
             settings.outcome_max_bytes, ttl_s=settings.outcome_ttl_s, lru=False, clock=clock,
             on_evict=lambda reason: metrics.predictions_evicted.labels(reason=reason.value).inc())
         self.shadow = Shadow(fraction=settings.shadow_fraction,
-                             reference=settings.shadow_reference, catalog=catalog, embed=embed,
+                             reference=settings.shadow_reference, catalog=catalog,
+                             embed=lambda spec, batch: embedder.embed_ready(spec, batch, timeout_s),
                              labels=self.labels, metrics=metrics,
                              max_bytes=settings.shadow_queue_max_bytes, rng=rng)
         self._windows: dict[tuple[str, Precision], CalibrationWindow] = {}

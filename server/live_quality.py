@@ -37,6 +37,7 @@ from clipserve.calibration import (compare_to_reference, label_cosines, load_ood
                                    score_ece, score_mcm, score_ood, softmax)
 from clipserve.endpoints import Precision, Tower
 
+from .config import ServerConfig
 from .embedder import Embedder
 from .errors import ServingError
 from .metrics import Eviction, LabelSet, ServerMetrics, ShadowDrop, Unscored
@@ -442,22 +443,6 @@ def check_ood_labels(catalog: Catalog, labels: Sequence[str]) -> None:
             f"{len(unfitted)} image endpoint(s) (label sets fitted: {shown}). Fit them for "
             f"these labels with: {FIT_COMMAND}")
 
-@dataclass(frozen=True)
-class LiveSettings:
-    """The knobs :class:`LiveQuality` takes from the server config."""
-
-    id_labels: tuple[str, ...] = ()  # empty: each image endpoint's sidecar labels
-    id_prompts: tuple[str, ...] = ()  # empty: the sidecar's prompt templates
-    calibration_window: int = 1000
-    outcome_ttl_s: float = 3600.0
-    outcome_max_bytes: int = 64 << 20
-    label_cache_max_bytes: int = 64 << 20
-    shadow_fraction: float = 0.0
-    shadow_reference: Precision = Precision.FP32
-    shadow_queue_max_bytes: int = 32 << 20
-    warm_retry_s: float = 2.0
-
-
 class LiveQuality:
     """Live OOD scoring, prediction bookkeeping for ReportOutcome, calibration windows and the
     shadow, for one servicer.
@@ -465,7 +450,9 @@ class LiveQuality:
     Args:
         catalog: the repository's endpoints.
         metrics: where everything is published.
-        settings: see :class:`LiveSettings`.
+        config: the server config: the deployment label set (ood_labels, ood_prompts), the
+            outcome store (outcome_store_mib, outcome_ttl_s, calibration_window) and the shadow
+            (shadow_fraction, shadow_precision, shadow_queue_mib).
         labels: the label-embedding cache the servicer's Classify uses too.
         embedder: runs the shadow's reference endpoint.
         timeout_s: for the shadow's reference calls (no caller waits on them).
@@ -473,27 +460,31 @@ class LiveQuality:
         clock: monotonic seconds for TTLs.
     """
 
-    def __init__(self, *, catalog: Catalog, metrics: ServerMetrics, settings: LiveSettings,
+    warm_retry_s = 2.0  # between warm-up rounds while a label set cannot be embedded yet
+
+    def __init__(self, *, catalog: Catalog, metrics: ServerMetrics, config: ServerConfig,
                  labels: LabelEmbeddingCache, embedder: Embedder, timeout_s: float,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
         self._catalog = catalog
         self._metrics = metrics
-        self.settings = settings
+        self._config = config
+        # The deployment label set as the config gives it (empty: each sidecar's own).
+        self._id_labels, self._id_prompts = tuple(config.ood_labels), tuple(config.ood_prompts)
         self.labels = labels
         self.outcomes = BoundedStore(
-            settings.outcome_max_bytes, ttl_s=settings.outcome_ttl_s, lru=False, clock=clock,
+            config.outcome_store_mib << 20, ttl_s=config.outcome_ttl_s, lru=False, clock=clock,
             on_evict=lambda reason: metrics.predictions_evicted.labels(reason=reason.value).inc())
-        self.shadow = Shadow(fraction=settings.shadow_fraction,
-                             reference=settings.shadow_reference, catalog=catalog,
+        self.shadow = Shadow(fraction=config.shadow_fraction,
+                             reference=config.shadow_reference, catalog=catalog,
                              embed=lambda spec, batch: embedder.embed_ready(spec, batch, timeout_s),
                              labels=self.labels, metrics=metrics,
-                             max_bytes=settings.shadow_queue_max_bytes, rng=rng)
+                             max_bytes=config.shadow_queue_mib << 20, rng=rng)
         self._windows: dict[tuple[str, Precision], CalibrationWindow] = {}
         self._deployment_keys: dict[str, tuple[EndpointSpec, LabelSetKey | None]] = {}
         metrics.init_endpoints(catalog.targets(Tower.IMAGE))
         self._indexes: dict[LabelSetKey, LabelIndex] = {}  # one per deployment set
         self._ood_states: dict[tuple[str, int], tuple[str, dict]] = {}  # (endpoint, revision)
-        check_ood_labels(catalog, settings.id_labels)
+        check_ood_labels(catalog, self._id_labels)
 
     # -- OOD scores --------------------------------------------------------------------------
 
@@ -521,7 +512,7 @@ class LiveQuality:
     def deployment_key(self, spec: EndpointSpec) -> LabelSetKey | None:
         """The in-distribution label set images at ``spec`` are scored against live, or None
         when the endpoint has no fitted temperature/threshold or no label set."""
-        # Asked twice per scored call; the answer depends only on the spec and the settings,
+        # Asked twice per scored call; the answer depends only on the spec and the config,
         # so it is kept per spec object (a reloaded catalog brings new specs).
         cached = self._deployment_keys.get(spec.name)
         if cached is not None and cached[0] is spec:
@@ -534,11 +525,11 @@ class LiveQuality:
         car = spec.sidecar
         if car.temperature is None or car.ood_threshold is None:
             return None
-        if self.settings.id_labels:  # the config's set; its templates or the labels verbatim
-            labels, templates = self.settings.id_labels, self.settings.id_prompts
+        if self._id_labels:  # the config's set; its templates or the labels verbatim
+            labels, templates = self._id_labels, self._id_prompts
         else:
             labels = tuple(car.labels or ())
-            templates = self.settings.id_prompts or tuple(car.prompts or ())
+            templates = self._id_prompts or tuple(car.prompts or ())
         if len(labels) < 2:
             return None
         return LabelSetKey(spec.scale, spec.precision, tuple(labels),
@@ -655,7 +646,7 @@ class LiveQuality:
         if not isinstance(prediction, Prediction):
             raise ServingError.not_found(
                 f"no stored prediction for request id {shown!r}: unknown, older than "
-                f"outcome_ttl_s ({self.settings.outcome_ttl_s:g} s), or evicted")
+                f"outcome_ttl_s ({self._config.outcome_ttl_s:g} s), or evicted")
         n = len(prediction.top)
         truths: dict[int, int] = {}
         for i, (index, label) in enumerate(outcomes):
@@ -674,7 +665,7 @@ class LiveQuality:
             truths[index] = truth
         window = self._windows.setdefault(
             (prediction.scale, prediction.precision),
-            CalibrationWindow(self.settings.calibration_window))
+            CalibrationWindow(self._config.calibration_window))
         correct = 0
         for index, truth in truths.items():
             right = int(prediction.top[index]) == truth
@@ -710,10 +701,10 @@ class LiveQuality:
                     warned.add(key)
                     log.log(level, "cannot embed the live OOD label set of %s %s yet (%s); "
                             "retrying every %g s", key.scale, key.precision.value, exc,
-                            self.settings.warm_retry_s)
+                            self.warm_retry_s)
             keys = [k for k in keys if not self.labels.has(k)]
             if keys:
-                await asyncio.sleep(self.settings.warm_retry_s)
+                await asyncio.sleep(self.warm_retry_s)
         log.info("live OOD label sets cached for %d endpoint(s)", len(self.deployment_keys()))
 
     async def run(self) -> None:

@@ -39,8 +39,7 @@ from .embedder import Embedder, Tokenizer
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
-from .live_quality import (FIT_COMMAND, LABEL_SLOT, LabelEmbeddingCache, LabelSetKey, LiveQuality,
-                           LiveSettings)
+from .live_quality import FIT_COMMAND, LABEL_SLOT, LabelEmbeddingCache, LabelSetKey, LiveQuality
 from .metrics import Method, Phase, ServerMetrics
 from .metrics import Protocol as Frontend
 from .repository import Catalog, EndpointSpec
@@ -64,17 +63,6 @@ async def _within(awaitable: Awaitable, timeout_s: float):
         async with asyncio.timeout(timeout_s):
             return await awaitable
     return await asyncio.wait_for(awaitable, timeout_s)
-
-
-def live_settings(config: ServerConfig) -> LiveSettings:
-    """The live-quality knobs of ``config``."""
-    return LiveSettings(
-        id_labels=tuple(config.ood_labels), id_prompts=tuple(config.ood_prompts),
-        calibration_window=config.calibration_window, outcome_ttl_s=config.outcome_ttl_s,
-        outcome_max_bytes=config.outcome_store_mib << 20,
-        label_cache_max_bytes=config.label_cache_mib << 20,
-        shadow_fraction=config.shadow_fraction, shadow_reference=config.shadow_reference,
-        shadow_queue_max_bytes=config.shadow_queue_mib << 20)
 
 
 def precision_to_pb(precision: Precision) -> int:
@@ -173,13 +161,12 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._endpoint_pbs: dict[str, tuple[EndpointSpec, pb.Endpoint]] = {}
         self.embedder = Embedder(catalog=catalog, backend=backend, tokenizers=tokenizers,
                                  metrics=metrics, state=state, coalesce=config.coalesce)
-        settings = live_settings(config)
         # Background fills (warm-up, prefetch) have no caller's deadline: request_timeout_s.
         self.labels = LabelEmbeddingCache(
             lambda key: self.embedder.embed_prompts(key.scale, key.precision, key.labels,
                                                     key.prompts(), config.request_timeout_s),
-            metrics, settings.label_cache_max_bytes)
-        self.live = LiveQuality(catalog=catalog, metrics=metrics, settings=settings,
+            metrics, config.label_cache_mib << 20)
+        self.live = LiveQuality(catalog=catalog, metrics=metrics, config=config,
                                 labels=self.labels, embedder=self.embedder,
                                 timeout_s=config.request_timeout_s,
                                 rng=random.Random(self._rng.random()))

@@ -39,7 +39,8 @@ from .embedder import Embedder, Tokenizer
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
-from .live_quality import FIT_COMMAND, LABEL_SLOT, LabelEmbeddingCache, LabelSetKey, LiveQuality
+from .label_cache import LABEL_SLOT, LabelEmbeddingCache, LabelSetKey
+from .live_quality import FIT_COMMAND, LiveQuality
 from .metrics import Method, Phase, ServerMetrics
 from .metrics import Protocol as Frontend
 from .repository import Catalog, EndpointSpec

@@ -17,8 +17,9 @@ from clipserve.calibration import (average_prompts, compare_to_reference, score_
 from clipserve.endpoints import Precision, Tower
 from clipserve.server.config import ServerConfig
 from clipserve.server.errors import ServingError
-from clipserve.server.live_quality import (BoundedStore, CalibrationWindow, LabelEmbeddingCache,
-                                           LabelIndex, LabelSetKey)
+from clipserve.server.bounded_store import BoundedStore
+from clipserve.server.label_cache import LabelEmbeddingCache, LabelSetKey
+from clipserve.server.outcomes import CalibrationWindow, LabelIndex
 from clipserve.server.metrics import Eviction, ServerMetrics
 from clipserve.server.routing import HEADER_PRECISION
 from clipserve.server.service import HEADER_REQUEST_ID, HEADER_STORE_PREDICTION
@@ -477,7 +478,7 @@ async def test_the_store_header_can_opt_out_and_rejects_other_values(live):
 
 async def test_predictions_expire_and_the_store_stays_within_its_budget(live):
     h = await live(outcome_ttl_s=60, outcome_store_mib=1)
-    store = h.service.live.outcomes
+    store = h.service.live.outcomes.store
     clock = FakeClock()
     store._clock = clock
     response = await classify(h, COLORS[:1])

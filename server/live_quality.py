@@ -75,8 +75,8 @@ class LiveQuality:
             outcome store (outcome_store_mib, outcome_ttl_s, calibration_window) and the shadow
             (shadow_fraction, shadow_precision, shadow_queue_mib).
         labels: the label-embedding cache the servicer's Classify uses too.
-        embedder: runs the shadow's reference endpoint.
-        timeout_s: for the shadow's reference calls (no caller waits on them).
+        embedder: runs the shadow's reference endpoint (under request_timeout_s: no caller
+            waits on it).
         rng: shadow sampling randomness.
         clock: monotonic seconds for TTLs.
     """
@@ -84,11 +84,10 @@ class LiveQuality:
     warm_retry_s = 2.0  # between warm-up rounds while a label set cannot be embedded yet
 
     def __init__(self, *, catalog: Catalog, metrics: ServerMetrics, config: ServerConfig,
-                 labels: LabelEmbeddingCache, embedder: Embedder, timeout_s: float,
+                 labels: LabelEmbeddingCache, embedder: Embedder,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
         self._catalog = catalog
         self._metrics = metrics
-        self._config = config
         # The deployment label set as the config gives it (empty: each sidecar's own).
         self._id_labels, self._id_prompts = tuple(config.ood_labels), tuple(config.ood_prompts)
         self.labels = labels
@@ -97,7 +96,8 @@ class LiveQuality:
                                  clock=clock)
         self.shadow = Shadow(fraction=config.shadow_fraction,
                              reference=config.shadow_reference, catalog=catalog,
-                             embed=lambda spec, batch: embedder.embed_ready(spec, batch, timeout_s),
+                             embed=lambda spec, batch: embedder.embed_ready(
+                                 spec, batch, config.request_timeout_s),
                              labels=self.labels, metrics=metrics,
                              max_bytes=config.shadow_queue_mib << 20, rng=rng)
         self._deployment_keys: dict[str, tuple[EndpointSpec, LabelSetKey | None]] = {}

@@ -162,15 +162,14 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._endpoint_pbs: dict[str, tuple[EndpointSpec, pb.Endpoint]] = {}
         self.embedder = Embedder(catalog=catalog, backend=backend, tokenizers=tokenizers,
                                  metrics=metrics, state=state, coalesce=config.coalesce)
-        # Background fills (warm-up, prefetch) have no caller's deadline: request_timeout_s.
+        # A label set is embedded once for every caller (and often in the background), so
+        # under request_timeout_s rather than the deadline of whichever call started it.
         self.labels = LabelEmbeddingCache(
             lambda key: self.embedder.embed_prompts(key.scale, key.precision, key.labels,
                                                     key.prompts(), config.request_timeout_s),
             metrics, config.label_cache_mib << 20)
         self.live = LiveQuality(catalog=catalog, metrics=metrics, config=config,
-                                labels=self.labels, embedder=self.embedder,
-                                timeout_s=config.request_timeout_s,
-                                rng=random.Random(self._rng.random()))
+                                labels=self.labels, embedder=self.embedder, rng=random.Random(self._rng.random()))
 
     async def run_background(self) -> None:
         """Warm the label-embedding cache and run the shadow worker, until cancelled."""

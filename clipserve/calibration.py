@@ -27,6 +27,30 @@ OOD_STATE_FORMAT = 1  # bumped when the .npz layout changes
 OOD_SCORES = ("mcm", "knn", "mahalanobis")  # names a sidecar's ``ood_score`` may take
 
 
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two embedding matrices [n, D] (need not be normalised),
+    computed in float64 and clipped to [-1, 1]; shape [n]. A zero row gives 0."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.clip((a * b).sum(axis=1) / norms.clip(1e-12), -1.0, 1.0)
+
+
+def label_cosines(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cosines between L2-normalised image embeddings [n, D] and label embeddings [k, D], in
+    float64: the [n, k] input of the label-space functions below."""
+    return np.asarray(images, dtype=np.float64) @ np.asarray(labels, dtype=np.float64).T
+
+
+def average_prompts(vectors: np.ndarray, n_labels: int) -> np.ndarray:
+    """CLIP's zero-shot recipe (prompt ensembling): the renormalised mean of each label's
+    prompt embeddings. ``vectors`` is label-major [n_labels * n_templates, D]; returns float32
+    [n_labels, D]."""
+    mean = np.asarray(vectors, dtype=np.float64).reshape(n_labels, -1, vectors.shape[-1])
+    mean = mean.mean(axis=1)
+    return (mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
 def softmax(cosines: np.ndarray, temperature: float) -> np.ndarray:
     """Row-wise softmax of cos / T, computed stably in float64."""
     z = np.asarray(cosines, dtype=np.float64) / float(temperature)
@@ -76,6 +100,27 @@ def score_kl(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     q = np.asarray(other, dtype=np.float64)
     kl = (p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(axis=-1)
     return np.maximum(kl, 0.0)  # rounding can leave -1e-17 for identical rows
+
+
+def top1_agreements(p: np.ndarray, q: np.ndarray) -> int:
+    """How many rows of two score matrices [n, k] (probabilities or cosines) have the same
+    argmax."""
+    return int((np.asarray(p).argmax(axis=-1) == np.asarray(q).argmax(axis=-1)).sum())
+
+
+def compare_to_reference(served: np.ndarray, served_labels: np.ndarray, served_t: float,
+                         reference: np.ndarray, reference_labels: np.ndarray,
+                         reference_t: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """How a served precision's image embeddings differ from a reference precision's on the
+    same images: per image cosine(served, reference) and KL(reference || served) between the
+    softmax outputs each gives over its own label embeddings at its own T, plus the number of
+    images whose top-1 label agrees. Returns (cosines [n], kl [n], agreements)."""
+    served = np.asarray(served, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    p_served = softmax(label_cosines(served, served_labels), served_t)
+    p_reference = softmax(label_cosines(reference, reference_labels), reference_t)
+    return (cosine_rows(served, reference), score_kl(p_reference, p_served),
+            top1_agreements(p_served, p_reference))
 
 
 def _labels(labels, n: int) -> np.ndarray:

@@ -9,12 +9,7 @@ import time
 
 import numpy as np
 
-
-def cosine_to_reference(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity between two embedding matrices."""
-    num = (embeddings.astype(np.float64) * reference).sum(1)
-    den = np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference, axis=1)
-    return num / np.maximum(den, 1e-12)
+from clipserve.calibration import cosine_rows
 
 
 def random_token_ids(context_length: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -54,7 +49,7 @@ def batch_invariant(session, inputs: np.ndarray, min_cosine: float = 0.999999) -
     batched = session.run(None, {name: inputs})[0]
     alone = np.concatenate([session.run(None, {name: inputs[i:i + 1]})[0]
                             for i in range(len(inputs))])
-    return bool(cosine_to_reference(batched, alone).min() >= min_cosine)
+    return bool(cosine_rows(batched, alone).min() >= min_cosine)
 
 
 def throughput(session, batch: np.ndarray, seconds: float = 1.0) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import torch
 
+from clipserve import calibration as cal
 from clipserve.endpoints import EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Tower
 from clipserve.export.towers import ImageTower, TextTower
 
@@ -114,7 +115,7 @@ def check_parity(model, tower: Tower, shapes: TowerShapes, path: Path,
         inputs = random_inputs(tower, shapes, batch, seed=100 + i)
         ref = torch_embed(model, tower, shapes, inputs)
         got = session.run([EMBEDDING_OUTPUT], {session.get_inputs()[0].name: inputs})[0]
-        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        cos = cal.cosine_rows(ref, got)
         worst = min(worst, float(cos.min()))
     if not worst >= PARITY_MIN_COSINE:
         raise RuntimeError(f"{path}: ONNX output differs from PyTorch (min cosine {worst:.6f} "

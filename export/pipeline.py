@@ -53,7 +53,7 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
         probe = probes[tower]
         reference = evaluate.embed(evaluate.make_session(fp32[tower]), probe)
         optimized = quantize.optimize(fp32[tower], work / f"fp32opt_{tower.value}.onnx")
-        fidelity = evaluate.cosine_to_reference(
+        fidelity = cal.cosine_rows(
             evaluate.embed(evaluate.make_session(optimized), probe), reference).min()
         if fidelity < ox.PARITY_MIN_COSINE:  # a fusion that changes results is not used
             say(f"{tower.value}: optimizer changed outputs (min cos {fidelity:.6f}); quantizing "
@@ -92,7 +92,7 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
 
                 def measure(name):
                     session = evaluate.make_session(candidates[name][0])
-                    cos = evaluate.cosine_to_reference(evaluate.embed(session, probe), reference)
+                    cos = cal.cosine_rows(evaluate.embed(session, probe), reference)
                     return (float(cos.mean()),
                             evaluate.throughput(session, speed_batch, config.throughput_seconds),
                             evaluate.batch_invariant(session, probe[:16]))

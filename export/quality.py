@@ -31,7 +31,7 @@ import numpy as np
 from clipserve import calibration as cal
 from clipserve import stats
 from clipserve.endpoints import Precision, Tower
-from clipserve.export.evaluate import cosine_to_reference, embed
+from clipserve.export.evaluate import embed
 
 FEATURE_SCORES = ("knn", "mahalanobis")
 OOD_SCORES = ("mcm", *FEATURE_SCORES)
@@ -56,10 +56,10 @@ def embed_many(sessions: dict, source, image_size: int, batch_size: int = 32,
 
 
 def class_embeddings(prompt_embeddings: np.ndarray, n_classes: int) -> np.ndarray:
-    """CLIP's prompt ensembling: average each class's template embeddings (class-major
-    [n_classes * n_templates, D]) and re-normalise."""
-    per_class = prompt_embeddings.reshape(n_classes, -1, prompt_embeddings.shape[-1]).mean(1)
-    return per_class / np.linalg.norm(per_class, axis=1, keepdims=True)
+    """CLIP's prompt ensembling over class-major [n_classes * n_templates, D] embeddings: the
+    gateway's own :func:`clipserve.calibration.average_prompts`, so offline fits see the label
+    embeddings the server scores against."""
+    return cal.average_prompts(prompt_embeddings, n_classes)
 
 
 @dataclass
@@ -123,17 +123,6 @@ class PairScores:
     ood_states: dict[str, dict]
 
 
-def _per_item_nll_brier(cosines, labels, temperature):
-    z = np.asarray(cosines, np.float64) / temperature
-    z = z - z.max(1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
-    nll = -log_p[np.arange(len(labels)), labels]
-    p = np.exp(log_p)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(len(labels)), labels] = 1.0
-    return nll, ((p - onehot) ** 2).sum(1)
-
-
 def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
                 native_temperature: float | None, shared_temperature: float | None,
                 captions: np.ndarray | None = None, knn_k: int = 10) -> PairScores:
@@ -142,22 +131,24 @@ def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
     AUROC can be compared across precisions at one T (MCM's ranking depends on T)."""
     cal_labels = suite.labelled.calibration.labels
     labels = suite.labelled.test.labels
-    cos_cal, cos_test = images.calibration @ classes.T, images.test @ classes.T
+    cos_cal = cal.label_cosines(images.calibration, classes)
+    cos_test = cal.label_cosines(images.test, classes)
     temperature, at_bound = cal.fit_temperature_checked(cos_cal, cal_labels)
     probs = cal.softmax(cos_test, temperature)
     pred = cos_test.argmax(1)
     n_classes = classes.shape[0]
     top5 = None
     if n_classes > 5:
-        top5 = (np.argsort(-cos_test, axis=1)[:, :5] == labels[:, None]).any(1)
-    nll, brier = _per_item_nll_brier(cos_test, labels, temperature)
+        top5 = cal.correct_per_item(cos_test, labels, k=5)
+    nll = cal.nll_per_item(cos_test, labels, temperature)
+    brier = cal.brier_from_probs(probs, labels)
 
     knn_state = cal.fit_knn(images.calibration, k=knn_k)
     maha_state = cal.fit_mahalanobis(images.calibration, cal_labels)
     shared = shared_temperature or temperature
 
     def scores(emb):
-        cos = emb @ classes.T
+        cos = cal.label_cosines(emb, classes)
         return {"mcm": cal.score_mcm(cos, temperature),
                 "mcm_shared_t": cal.score_mcm(cos, shared),
                 "knn": cal.score_knn(knn_state, emb),
@@ -172,9 +163,10 @@ def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
     thresholds = {name: cal.fit_ood_threshold(cal_scores[name]) for name in OOD_SCORES}
     shift = {}
     for name, emb in images.shift.items():
-        cos = emb @ classes.T
+        cos = cal.label_cosines(emb, classes)
         split_labels = suite.shift[name].labels
-        shift[name] = (cos.argmax(1) == split_labels, cal.softmax(cos, temperature).max(1))
+        shift[name] = (cal.correct_per_item(cos, split_labels),
+                       cal.softmax(cos, temperature).max(1))
     retrieval = {}
     if images.retrieval is not None and captions is not None:
         from clipserve.export import datasets
@@ -514,8 +506,8 @@ def _fidelity(images, classes, p, tower, text_probe) -> dict:
     if tower is Tower.IMAGE:
         def stack(e):
             return np.concatenate([e.test, *e.ood.values()])
-        cos = cosine_to_reference(stack(images[p]), stack(images[fp32]))
+        cos = cal.cosine_rows(stack(images[p]), stack(images[fp32]))
     else:
-        cos = cosine_to_reference(text_probe[p], text_probe[fp32])
+        cos = cal.cosine_rows(text_probe[p], text_probe[fp32])
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
             "finite": bool(np.isfinite(cos).all())}

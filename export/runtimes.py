@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipserve import calibration as cal
 from clipserve.endpoints import Precision
 from clipserve.export import triton_model
 
@@ -135,9 +136,7 @@ def _throughput(session, batch: np.ndarray, seconds: float) -> float:
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    from clipserve.export import evaluate
-
-    return float(evaluate.cosine_to_reference(a, b).min())
+    return float(cal.cosine_rows(a, b).min())
 
 
 def choose_runtime(onnx_path, precision: Precision | str, sample_batch: np.ndarray,

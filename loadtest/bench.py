@@ -31,9 +31,7 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,10 +42,10 @@ import numpy as np
 
 from clipserve.config import add_flags, describe, from_args
 from clipserve.endpoints import Precision, Tower, endpoint_name
+from clipserve.procs import free_port, group_cpu_s, self_cpu_s, start_group, stop_group
 
 from . import bench_report, roofline, runner
 from . import workload as wl
-from .peer import stop_process_group
 from .soak import carry_section
 
 HOST = "127.0.0.1"
@@ -151,34 +149,7 @@ class Log:
         print(f"[bench {time.monotonic() - self.start:7.1f}s] {message}", flush=True)
 
 
-# -- processes and their CPU time ----------------------------------------------------------
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_s(pgid: int) -> float:
-    """User+system CPU seconds of the live processes in process group ``pgid`` (Linux /proc)."""
-    total = 0
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _CLK_TCK
-
-
-def self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
+# -- the gateway as a child process ------------------------------------------------------------
 
 class GatewayProcess:
     """``clipserve serve`` as a child process in front of an already running Triton."""
@@ -212,8 +183,7 @@ class GatewayProcess:
                "--default-scale", self.scale, "--log-level", "WARNING", *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "a")
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self._proc = start_group(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -232,7 +202,7 @@ class GatewayProcess:
         raise RuntimeError(f"the gateway did not become SERVING:\n{tail}")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        stop_process_group(self._proc, grace_s)
+        stop_group(self._proc, grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None

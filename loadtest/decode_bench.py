@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, features
 
+from clipserve import calibration as cal
 from clipserve import cpu
 from clipserve.server.images import _resized_size, preprocess
 
@@ -228,7 +229,7 @@ def run(sizes: list[tuple[int, int]], model_size: int = 224, rounds: int = 7, re
         ms = time_paths(funcs, data, rounds, reps)
         for name in funcs:
             diff = np.abs(pixels[name].astype(np.int16) - pixels["exact"])
-            cos = ((embeddings[name] * embeddings["exact"]).sum(-1) if embedder else None)
+            cos = cal.cosine_rows(embeddings[name], embeddings["exact"]) if embedder else None
             results.append(PathResult(
                 name, label, round(ms[name], 3), round(ms[name] / ms["exact"], 3),
                 int(diff.max()), round(float(diff.mean()), 3),

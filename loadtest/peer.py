@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from clipserve.procs import free_port, start_group, stop_group
 
 HOST = "127.0.0.1"
 # Pinned: the versions known to install and serve CLIP on this CPU. torch first, from the local
@@ -28,17 +28,6 @@ PEER_REQUIREMENTS = ("infinity-emb[server,torch]==0.0.78", "aiohttp")
 READY_MARKER = ".clipserve-peer-ready"
 
 
-
-def stop_process_group(proc: subprocess.Popen | None, grace_s: float) -> None:
-    """SIGTERM the process group of a server started with ``start_new_session=True``, then
-    SIGKILL after ``grace_s``. Does nothing if it is not running."""
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 class PeerError(RuntimeError):
     """The peer could not be installed, built or started; the message says which step."""
@@ -113,12 +102,6 @@ def ensure_model_dir(python: Path, out: Path, arch: str, log_path: Path,
     return out
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 class PeerServer:
     """``infinity_emb v2`` serving one model directory on 127.0.0.1, offline.
 
@@ -136,7 +119,7 @@ class PeerServer:
                  batch_size: int = 32):
         self.python, self.model_dir, self.log_path = Path(python), Path(model_dir), log_path
         self.dtype, self.batch_size = dtype, batch_size
-        self.port = free_port()
+        self.port = free_port(HOST)
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -160,8 +143,7 @@ class PeerServer:
         self._log = open(self.log_path, "a")
         self._log.write(f"$ {' '.join(cmd)}\n")
         self._log.flush()
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
+        self._proc = start_group(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -192,7 +174,7 @@ class PeerServer:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM its process group, then SIGKILL after ``grace_s``. Idempotent."""
-        stop_process_group(self._proc, grace_s)
+        stop_group(self._proc, grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipserve import calibration as cal
 from clipserve import cpu as cpu_info
 from clipserve.endpoints import Precision
 
@@ -114,7 +115,7 @@ def measure(files: dict, pixels: np.ndarray, threads: int, seconds: float, flops
         gflops = speed * flops / 1e9
         row.update(items_per_s=speed, vs_ort_fp32=round(speed / base, 3) if base else None,
                    min_cosine_to_ort_fp32=round(float(
-                       evaluate.cosine_to_reference(out, reference).min()), 6),
+                       cal.cosine_rows(out, reference).min()), 6),
                    gflops=round(gflops, 1), peak_gflops=peak, of_peak=round(gflops / peak, 3))
         log(f"  {row['label']}: {speed:.1f} img/s ({row['vs_ort_fp32']:.2f}x), min cos "
             f"{row['min_cosine_to_ort_fp32']:.6f}, {row['of_peak']:.0%} of its peak")

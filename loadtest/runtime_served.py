@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipserve import calibration as cal
 from clipserve import cpu as cpu_info
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
 
@@ -309,7 +310,7 @@ def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int
         concurrency: int = 2, seconds: float = 4.0, warmup: float = 1.5, rounds: int = 2,
         threads: int = 0, matmul_n: int = 1024, log=print) -> dict:
     """The whole served runtime axis; returns what it writes to runtime_served.json."""
-    from clipserve.export import evaluate, runtimes
+    from clipserve.export import runtimes
     from clipserve.server.repository import Catalog
     from clipserve.server.triton_process import TritonProcess
 
@@ -362,7 +363,7 @@ def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int
             served_runtimes[runtime, p.value] = served_runtime(work / f"repo-{runtime}" / model)
             out_emb = triton_embeddings(triton.grpc_url, model, sample)
             cosines[runtime, p.value] = round(float(
-                evaluate.cosine_to_reference(out_emb, reference).min()), 6)
+                cal.cosine_rows(out_emb, reference).min()), 6)
             log(f"  {runtime} {p.value}: served by {served_runtimes[runtime, p.value]}, min cosine "
                 f"{cosines[runtime, p.value]:.6f}")
         from . import bench

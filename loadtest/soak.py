@@ -47,6 +47,7 @@ import numpy as np
 
 from clipserve.config import add_flags, describe, from_args
 from clipserve.endpoints import Precision, Tower
+from clipserve.procs import free_port, group_members
 
 from . import runner, stats
 from . import workload as wl
@@ -164,19 +165,6 @@ def _fds(pid: int) -> int:
         return 0
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live pids of process group ``pgid`` (Linux /proc)."""
-    out = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, pgrp = stat_file.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError, ValueError):
-            continue
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            out.append(int(stat_file.parent.name))
-    return out
-
-
 def usage(pids: list[int]) -> dict:
     """RSS (bytes, summed: shared pages count once per process) and open fds of ``pids``."""
     return {"rss": sum(_status_kb(p, "VmRSS") for p in pids) * 1024,
@@ -254,7 +242,7 @@ class Stack:
                  config: SoakConfig, triton_url: str = "", triton_pgid: int | None = None):
         from clipserve.server.triton_process import TritonProcess
 
-        from .bench import GatewayProcess, free_port  # bench imports this module: lazily
+        from .bench import GatewayProcess  # bench imports this module: lazily
 
         self.repository, self.scale, self.precisions = repository, scale, precisions
         self.workdir = workdir

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipserve.client import Client
+from clipserve.procs import free_port
 
 MODELS = os.environ.get("DEMO_MODELS", "digits-s,digits-m,digits-l")
 REPOSITORY = Path(os.environ.get("DEMO_REPOSITORY", "model_repository"))
 SCALE = MODELS.split(",")[-1].split("::")[0]  # the largest scale listed
 PRECISIONS = ("fp32", "int8")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_serving(channel, process, timeout_s: float = 600) -> None:

@@ -349,6 +349,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._limit = max_concurrent_calls
         self._on_reject = on_reject
         self.in_flight = 0
+        # method -> (the servicer's handler, its guarded wrapper): built on a method's first
+        # call, not on every call. Only registered methods get here, so it stays small.
+        self._guarded_handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -392,7 +395,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 log.exception("on_reject callback failed")
 
     def _refusing(self, handler, method: str, error: ServingError):
-        """A handler that answers ``error`` without reading the request."""
+        """A handler that answers ``error`` without reading the request (built per refused
+        call: it carries that call's message)."""
         async def refuse(request, context):
             self._reject(method, error.code)
             await context.abort(error.code, error.message)
@@ -406,6 +410,16 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return _handler_like(handler, behavior, lambda data: None)
 
     def _guarded(self, handler, method: str):
+        cached = self._guarded_handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guard(handler, method)
+        self._guarded_handlers[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, handler, method: str):
+        """``handler`` wrapped: the concurrency bound, and INVALID_ARGUMENT for a request that
+        does not parse."""
         original = _original(handler)
 
         async def admit(context) -> None:

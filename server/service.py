@@ -2,9 +2,13 @@
 
 One class implements the three services; it depends on the :class:`Backend` protocol, the
 catalog, the live routing policy and the readiness snapshot, all passed in, so unit tests drive
-it with fakes and no socket. Calls are split into chunks of the endpoint's max_batch_size; while
-an endpoint's requests are in flight, chunks of concurrent calls wait and then go together
-(:mod:`.coalesce`, no timer); Triton's dynamic_batching batches what arrives.
+it with fakes and no socket.
+
+One call, top to bottom: an RPC method (``EmbedImages``) -> :meth:`ClipService._unary` (deadline,
+status mapping, call metrics) -> the handler (``_embed_images``: validate, route, decode) ->
+:class:`.embedder.Embedder` (readiness, chunking to max_batch_size, coalescing, batch metrics)
+-> :class:`.backend.Backend` (Triton) -> back in the handler: live scoring
+(:class:`.live_quality.LiveQuality`) and the response message.
 """
 
 from __future__ import annotations
@@ -20,23 +24,23 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from clipserve.calibration import softmax
+from clipserve.calibration import label_cosines, softmax
 from clipserve.endpoints import Precision, Tower, endpoint_name
 from clipserve.formats import OutputFormat, encode
 
 from .backend import Backend
-from .coalesce import Coalescer
 from .config import ServerConfig
+from .embedder import Embedder, Tokenizer
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
-from .live_quality import (FIT_COMMAND, LABEL_SLOT, LabelSetKey, LiveQuality, LiveSettings,
-                           average_prompts)
+from .label_cache import LABEL_SLOT, LabelEmbeddingCache, LabelSetKey
+from .live_quality import FIT_COMMAND, LiveQuality
 from .metrics import Method, Phase, ServerMetrics
 from .metrics import Protocol as Frontend
 from .repository import Catalog, EndpointSpec
@@ -60,25 +64,6 @@ async def _within(awaitable: Awaitable, timeout_s: float):
         async with asyncio.timeout(timeout_s):
             return await awaitable
     return await asyncio.wait_for(awaitable, timeout_s)
-
-
-def live_settings(config: ServerConfig) -> LiveSettings:
-    """The live-quality knobs of ``config``."""
-    return LiveSettings(
-        id_labels=tuple(config.ood_labels), id_prompts=tuple(config.ood_prompts),
-        calibration_window=config.calibration_window, outcome_ttl_s=config.outcome_ttl_s,
-        outcome_max_bytes=config.outcome_store_mib << 20,
-        label_cache_max_bytes=config.label_cache_mib << 20,
-        shadow_fraction=config.shadow_fraction, shadow_reference=config.shadow_reference,
-        shadow_queue_max_bytes=config.shadow_queue_mib << 20)
-
-
-class Tokenizer(Protocol):
-    """What the servicer needs from :class:`clipserve.tokenizer.ClipTokenizer`."""
-
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
-        """Texts -> (int32 ids [n, context_length], truncated flag per text)."""
-        ...
 
 
 def precision_to_pb(precision: Precision) -> int:
@@ -144,8 +129,10 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                   pb_grpc.ModelServiceServicer, pb_grpc.FeedbackServiceServicer):
     """EmbeddingService, ClassificationService, ModelService and FeedbackService.
 
-    Live quality (OOD scores, confidences, stored predictions, shadow comparison) goes through
-    :attr:`live`; its background work is :meth:`run_background`, which the app runs as a task.
+    Embeddings come from :attr:`embedder`, label embeddings from :attr:`labels` (a cache
+    over the embedder). Live quality (OOD scores, confidences, stored predictions, shadow
+    comparison) goes through :attr:`live`, which uses the same two; its background work is
+    :meth:`run_background`, which the app runs as a task.
 
     Args:
         config: limits and timeouts.
@@ -165,9 +152,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
                  state: Callable[[], BackendState], rng: random.Random | None = None):
         self._config = config
         self._catalog = catalog
-        self._backend = backend
         self._decoder = decoder
-        self._tokenizers = tokenizers
         self._metrics = metrics
         self._routing = routing
         self._state = state
@@ -175,12 +160,16 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         # pb.Endpoint per endpoint name, built once (keyed with the spec: a reloaded catalog
         # brings new specs). Messages passed to a constructor are copied, so sharing is safe.
         self._endpoint_pbs: dict[str, tuple[EndpointSpec, pb.Endpoint]] = {}
-        self._coalescer = Coalescer(backend, enabled=config.coalesce, on_send=lambda spec, n:
-                                    metrics.observe_batch(spec.tower, spec.scale,
-                                                          spec.precision, n))
-        self.live = LiveQuality(catalog=catalog, metrics=metrics, settings=live_settings(config),
-                                compute_labels=self._compute_labels, embed=self._shadow_embed,
-                                rng=random.Random(self._rng.random()))
+        self.embedder = Embedder(catalog=catalog, backend=backend, tokenizers=tokenizers,
+                                 metrics=metrics, state=state, coalesce=config.coalesce)
+        # A label set is embedded once for every caller (and often in the background), so
+        # under request_timeout_s rather than the deadline of whichever call started it.
+        self.labels = LabelEmbeddingCache(
+            lambda key: self.embedder.embed_prompts(key.scale, key.precision, key.labels,
+                                                    key.prompts(), config.request_timeout_s),
+            metrics, config.label_cache_mib << 20)
+        self.live = LiveQuality(catalog=catalog, metrics=metrics, config=config,
+                                labels=self.labels, embedder=self.embedder, rng=random.Random(self._rng.random()))
 
     async def run_background(self) -> None:
         """Warm the label-embedding cache and run the shadow worker, until cancelled."""
@@ -281,13 +270,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
 
     def _endpoint(self, scale: str, precision: Precision, tower: Tower) -> EndpointSpec:
         """The endpoint, if present (else NOT_FOUND) and ready (else UNAVAILABLE)."""
-        spec = self._catalog.get(scale, precision, tower)
-        state = self._state()
-        if not state.is_ready(spec.name):
-            if not state.ready_models:
-                raise ServingError.unavailable("Triton is not ready; retry later")
-            raise ServingError.unavailable(f"endpoint {spec.name} is not ready; retry later")
-        return spec
+        return self.embedder.endpoint(scale, precision, tower)
 
     def _check_batch(self, items: Sequence, kind: str) -> None:
         if not items:
@@ -304,40 +287,9 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             raise ServingError.invalid_argument(
                 f"{what} is {len(text)} characters; at most {limit}")
 
-    async def _tokenize(self, spec: EndpointSpec,
-                        texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
-        tokenizer = self._tokenizers.get(spec.name)
-        if tokenizer is None:
-            raise ServingError.failed_precondition(f"endpoint {spec.name} has no tokenizer")
-        # Text cleaning is pure Python: a batch of long texts would stall the event loop.
-        ids, truncated = await asyncio.to_thread(tokenizer.encode, list(texts))
-        return np.ascontiguousarray(ids, dtype=np.int32), list(truncated)
-
-    async def _run_endpoint(self, spec: EndpointSpec, batch: np.ndarray,
-                            timeout_s: float) -> np.ndarray:
-        """Run the endpoint on ``batch`` in chunks of its max_batch_size (sent concurrently so
-        Triton's dynamic batcher sees them together), through the coalescer, which merges
-        chunks of concurrent calls while the endpoint is busy (see :mod:`.coalesce`)."""
-        chunk = spec.max_batch_size or len(batch)
-        if len(batch) <= chunk:  # one request: no gather, no Task
-            vectors = await self._coalescer.embed(spec, batch, timeout_s)
-        else:
-            vectors = np.concatenate(await asyncio.gather(*(
-                self._coalescer.embed(spec, batch[i:i + chunk], timeout_s)
-                for i in range(0, len(batch), chunk))))
-        if vectors.shape != (len(batch), spec.sidecar.embed_dim):
-            raise RuntimeError(f"{spec.name} returned embeddings of shape {vectors.shape} for "
-                               f"{len(batch)} items of dimension {spec.sidecar.embed_dim}")
-        return np.asarray(vectors, dtype=np.float32)
-
     async def _embed(self, call: _Call, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
         """A client's batch through the endpoint, within the call's deadline, recorded."""
-        started = time.perf_counter()
-        vectors = await self._run_endpoint(spec, batch, call.remaining())
-        self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.TRITON,
-                                    time.perf_counter() - started)
-        self._metrics.observe_items(spec.tower, spec.scale, spec.precision, len(batch))
-        return vectors
+        return await self.embedder.embed(call.method, spec, batch, call.remaining())
 
     async def _decode(self, call: _Call, spec: EndpointSpec,
                       images: Sequence[bytes]) -> np.ndarray:
@@ -350,17 +302,6 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
                                     max(waits, default=0.0))
         return pixels
-
-    async def _compute_labels(self, key: LabelSetKey) -> np.ndarray:
-        """Label embeddings of ``key`` from its text endpoint (what the cache stores)."""
-        spec = self._endpoint(key.scale, key.precision, Tower.TEXT)
-        ids, _ = await self._tokenize(spec, key.prompts())
-        vectors = await self._run_endpoint(spec, ids, self._config.request_timeout_s)
-        return average_prompts(vectors, len(key.labels))
-
-    async def _shadow_embed(self, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
-        self._endpoint(spec.scale, spec.precision, spec.tower)  # UNAVAILABLE unless ready
-        return await self._run_endpoint(spec, batch, self._config.request_timeout_s)
 
     @staticmethod
     def _output_format(request, spec: EndpointSpec) -> OutputFormat:
@@ -463,7 +404,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         fmt = self._output_format(request, spec)
         await self._announce(context, call, spec)
         started = time.perf_counter()
-        ids, truncated = await self._tokenize(spec, texts)
+        ids, truncated = await self.embedder.tokenize(spec, texts)
         self._metrics.observe_phase(call.method, scale, precision, Phase.PREPROCESS,
                                     time.perf_counter() - started)
         vectors = await self._embed(call, spec, ids)
@@ -518,13 +459,13 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             pixels = await self._decode(call, image_spec, images)
             return pixels, await self._embed(call, image_spec, pixels)
 
-        label_emb = self.live.labels.peek(key)
+        label_emb = self.labels.peek(key)
         if label_emb is None:  # embed the labels while the images decode
             (pixels, image_emb), label_emb = await asyncio.gather(
-                image_vectors(), self.live.labels.compute(key))
+                image_vectors(), self.labels.compute(key))
         else:
             pixels, image_emb = await image_vectors()
-        cosines = image_emb.astype(np.float64) @ label_emb.astype(np.float64).T
+        cosines = label_cosines(image_emb, label_emb)
         probabilities = softmax(cosines, sidecar.temperature)
         ood_scores = self.live.ood_scores(image_spec, image_emb, cosines, probabilities)
         self.live.classified(image_spec, key, probabilities, ood_scores, stored_id, pixels,
@@ -677,7 +618,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         else:
             self._check_text(request.text, what)
             started = time.perf_counter()
-            ids, cut = await self._tokenize(spec, [request.text])
+            ids, cut = await self.embedder.tokenize(spec, [request.text])
             self._metrics.observe_phase(call.method, spec.scale, spec.precision,
                                         Phase.PREPROCESS, time.perf_counter() - started)
             vectors = await self._embed(call, spec, ids)

@@ -25,7 +25,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +36,8 @@ from typing import Sequence
 
 import urllib.error
 import urllib.request
+
+from clipserve.procs import free_port, kill_group, start_group
 
 log = logging.getLogger(__name__)
 
@@ -144,48 +145,6 @@ def find_tritonserver() -> TritonInstall:
         stub=stub,
         python_libdir=python_libdir,
     )
-
-
-def _free_port() -> int:
-    """A port the kernel just handed out on HOST; may be taken again before Triton binds it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _live_group_members(pgid: int) -> list[int]:
-    """Pids of process group ``pgid`` that are not zombies (reads Linux /proc)."""
-    live = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # Fields after the ")" closing the command name: state, ppid, pgrp, ...
-            state, _ppid, pgrp = stat_file.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we looked
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            live.append(int(stat_file.parent.name))
-    return live
-
-
-def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
-    """Wait until no live (non-zombie) process of group ``pgid`` is left; False on timeout.
-
-    Zombies count as gone: they run nothing and hold no memory. A killed Triton's stubs stay
-    zombies until PID 1 reaps them, which can take a second or more.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            # Orphaned stubs are re-parented to us when we are PID 1 (a container without an
-            # init); reap them so they do not pile up as zombies.
-            os.waitpid(-pgid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if not _live_group_members(pgid):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def _read_from(path: Path, offset: int) -> str:
@@ -391,7 +350,7 @@ class TritonProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
         self._ports = {
-            name: port or _free_port() for name, port in self._requested_ports.items()
+            name: port or free_port(HOST) for name, port in self._requested_ports.items()
         }
         # Python backend shm regions are named <prefix><uuid>. A prefix of our own lets
         # _cleanup() find and unlink the regions of a Triton that was killed.
@@ -434,15 +393,14 @@ class TritonProcess:
         with open(self.log_path, "ab") as log_file:
             log_file.write(("$ " + " ".join(args) + "\n").encode())
             log_file.flush()
-            self._proc = subprocess.Popen(
+            # Own process group: kill() and stop() can take the stubs down with it, and a
+            # Ctrl-C in the terminal reaches us, not Triton.
+            self._proc = start_group(
                 args,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
-                # Own process group: kill() and stop() can take the stubs down with it, and
-                # a Ctrl-C in the terminal reaches us, not Triton.
-                start_new_session=True,
             )
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -485,15 +443,10 @@ class TritonProcess:
     def _cleanup(self) -> None:
         proc = self._proc
         if proc is not None:
-            # SIGKILL the whole group: tritonserver if still alive and any stub it left.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            # The stubs are Triton's children, not ours: wait for them too, or they may still
-            # be writing into the temp dir (e.g. __pycache__) while we delete it.
-            if not _wait_group_gone(proc.pid, _GROUP_EXIT_WAIT_S):
+            # SIGKILL the whole group: tritonserver if still alive and any stub it left. The
+            # stubs are Triton's children, not ours: wait for them too, or they may still be
+            # writing into the temp dir (e.g. __pycache__) while we delete it.
+            if not kill_group(proc, _GROUP_EXIT_WAIT_S):
                 log.warning("processes of tritonserver's group %d still exist", proc.pid)
             self._proc = None
         if self._shm_prefix:

@@ -37,12 +37,12 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from clipserve.cpu import available_cores
+from clipserve.procs import free_port
 
 from .config import ServerConfig
 
@@ -59,18 +59,11 @@ def effective_workers(config: ServerConfig) -> int:
     return config.workers or available_cores()
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def worker_config(config: ServerConfig, triton_url: str) -> ServerConfig:
     """What each worker runs: the parent's config with its Triton, its ports fixed (0 picked
     once here, so all workers bind the same) and one worker."""
     def fixed(port: int | None) -> int | None:
-        return _free_port(config.host) if port == 0 else port
+        return free_port(config.host) if port == 0 else port
 
     return dataclasses.replace(config, triton_url=triton_url, port=fixed(config.port),
                                health_port=fixed(config.health_port),

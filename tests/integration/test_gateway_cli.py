@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clipserve.procs import free_port
 from clipserve.server.v1 import clipserve_pb2 as pb
 from clipserve.server.v1 import clipserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def link_or_copy(src: str, dst: str) -> None:

@@ -22,12 +22,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from clipserve.calibration import load_ood_state, score_ece, score_ood
+from clipserve.calibration import average_prompts, load_ood_state, score_ece, score_ood
 from clipserve.export.report import read_rows
 from clipserve.endpoints import Precision, Tower
 from clipserve.server.metrics import (Eviction, LabelSet, Method, OutcomeResult, Phase,
                                       Protocol, ShadowDrop, Unscored)
-from clipserve.server.live_quality import average_prompts
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
 from clipserve.server.v1 import clipserve_pb2_grpc as pb_grpc

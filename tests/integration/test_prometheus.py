@@ -16,9 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -31,6 +28,7 @@ from PIL import Image
 
 from clipserve.export.report import read_rows
 from clipserve.endpoints import Precision, Tower
+from clipserve.procs import free_port, start_group, stop_group
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
 from tests.integration.test_gateway import CALL_TIMEOUT_S, GatewayThread, config_for
@@ -58,12 +56,6 @@ def test_rule_groups() -> list[dict]:
 
 
 test_rule_groups.__test__ = False  # a helper, not a test
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrometheusServer:
@@ -96,8 +88,8 @@ class PrometheusServer:
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--storage.tsdb.retention.time=1h", "--log.level=warn"]
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self._proc = start_group(args, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -113,16 +105,7 @@ class PrometheusServer:
         raise RuntimeError(f"prometheus did not become ready:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self._proc is None:
-            return
-        try:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
-        except ProcessLookupError:
-            self._proc.wait()
+        stop_group(self._proc, grace_s=10)
         self._proc = None
 
     def log_tail(self) -> str:

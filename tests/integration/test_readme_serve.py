@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +22,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipserve.endpoints import Precision, Sidecar
+from clipserve.procs import free_port, start_group, stop_group
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
 from clipserve.server.v1 import clipserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readme_serve_command() -> list[str]:
@@ -78,9 +71,8 @@ def test_readme_serve_command_serves_a_repository_of_several_scales(repository, 
     log = tmp_path / "serve.log"
     env = {**os.environ, "CLIPSERVE_HOST": "127.0.0.1"}  # the README binds 0.0.0.0
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "clipserve.cli", *argv[1:]],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
+        server = start_group([sys.executable, "-m", "clipserve.cli", *argv[1:]],
+                             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
@@ -107,5 +99,4 @@ def test_readme_serve_command_serves_a_repository_of_several_scales(repository, 
         assert "no --default-scale was set: digits-t" in log.read_text()
         channel.close()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(120)
+        stop_group(server, grace_s=120)

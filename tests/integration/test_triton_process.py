@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from clipserve.procs import group_members
 from clipserve.server import triton_process
 from clipserve.server.triton_process import TritonProcess, find_tritonserver
 
@@ -133,18 +134,6 @@ def _infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray) 
     return client.infer(model, [tensor], client_timeout=10).as_numpy("y")
 
 
-def _group_alive(pgid: int) -> bool:
-    """True if a process of group ``pgid`` is running; zombies awaiting PID 1 do not count."""
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 @pytest.fixture
 def double_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
@@ -175,7 +164,7 @@ def test_serves_numpy_and_onnxruntime_models_then_stops_cleanly(tmp_path: Path) 
         triton.stop()
 
     assert not triton.is_running()
-    assert not _group_alive(pid), "tritonserver or a Python backend stub outlived stop()"
+    assert not group_members(pid), "tritonserver or a Python backend stub outlived stop()"
     triton.stop()  # idempotent
     assert "Signal (15) received" in log_path.read_text()  # it was a graceful stop
 
@@ -229,7 +218,7 @@ def test_kill_makes_server_unreachable_at_once(double_repo: Path) -> None:
         assert not ready
         assert time.monotonic() - began < 3
         assert not triton.is_running()
-        assert not _group_alive(pid)
+        assert not group_members(pid)
         client.close()
     # __exit__ called stop() after kill(): still fine.
 
@@ -270,15 +259,15 @@ def test_retries_once_when_a_picked_port_is_taken(
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        real_free_port = triton_process._free_port
+        real_free_port = triton_process.free_port
         handed_out = []
 
-        def free_port_first_taken() -> int:
-            port = taken if not handed_out else real_free_port()
+        def free_port_first_taken(host: str) -> int:
+            port = taken if not handed_out else real_free_port(host)
             handed_out.append(port)
             return port
 
-        monkeypatch.setattr(triton_process, "_free_port", free_port_first_taken)
+        monkeypatch.setattr(triton_process, "free_port", free_port_first_taken)
         log_path = tmp_path / "triton.log"
         with TritonProcess(double_repo, log_path=log_path) as triton:
             assert triton.grpc_url != f"127.0.0.1:{taken}"

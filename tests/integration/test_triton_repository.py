@@ -6,6 +6,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from clipserve.endpoints import EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Precision, Sidecar, Tower
+from clipserve import calibration as cal
 from clipserve.export import evaluate
 from clipserve.export.reevaluate import served_session
 
@@ -47,7 +48,7 @@ def test_every_endpoint_is_ready_and_matches_onnxruntime(repository, triton):
         # The same file on the runtime its config.pbtxt names (onnxruntime or OpenVINO).
         direct = evaluate.embed(served_session(repository / name, Precision(sidecar.precision)),
                                 array)
-        assert evaluate.cosine_to_reference(got, direct).min() >= 0.9999, name
+        assert cal.cosine_rows(got, direct).min() >= 0.9999, name
 
 
 def test_a_malformed_request_gets_an_error_and_the_model_keeps_serving(repository, triton):

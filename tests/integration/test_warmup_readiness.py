@@ -26,7 +26,8 @@ from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
 from clipserve.export.repository import ServingPolicy, write_endpoint
 from clipserve.server.app import Gateway
 from clipserve.server.config import ServerConfig
-from clipserve.server.triton_process import TritonProcess, _free_port
+from clipserve.procs import free_port
+from clipserve.server.triton_process import TritonProcess
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +135,7 @@ def serve_and_watch(repo: Path, log: Path, tmp_path: Path, **overrides) -> Watch
     triton = TritonProcess(repo, log_path=tmp_path / "triton.log")
     triton.start(timeout_s=120)
     try:
-        grpc_port, http_port = _free_port(), _free_port()
+        grpc_port, http_port = free_port(), free_port()
         watcher = Watcher(grpc_port, http_port, log)
         watcher.start()
         config = ServerConfig(repository=repo, host="127.0.0.1", port=grpc_port, metrics_port=0,

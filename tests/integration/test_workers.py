@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from clipserve.server.v1 import clipserve_pb2 as pb
 from clipserve.server.v1 import clipserve_pb2_grpc as pb_grpc
 
-from .test_gateway_cli import free_port, link_or_copy, tritons_on
+from clipserve.procs import free_port
+
+from .test_gateway_cli import link_or_copy, tritons_on
 
 pytestmark = pytest.mark.integration
 

@@ -262,6 +262,36 @@ async def test_guard_checks_keys_before_reading_the_request_and_leaves_health_op
     assert guard.in_flight == 0
 
 
+async def test_guard_wraps_each_method_once_and_still_checks_keys_per_call():
+    keys = ApiKeys.parse(f"{KEY_A}\n", SERVICES)
+
+    async def echo(request, context):
+        return pb.EmbedTextsResponse()
+
+    servicer_handler = unary(echo)
+    handlers = {"/clipserve.v1.EmbeddingService/EmbedTexts": servicer_handler,
+                "/clipserve.v1.EmbeddingService/EmbedImages": unary(echo)}
+    guard = CallGuard(keys=lambda: keys, open_services=(), max_concurrent_calls=1)
+
+    async def wrap(method, metadata=()):
+        async def continuation(details):
+            return handlers[details.method]
+        return await guard.intercept_service(continuation, Details(method, metadata))
+
+    texts = "/clipserve.v1.EmbeddingService/EmbedTexts"
+    first = await wrap(texts, bearer(KEY_A))
+    assert await wrap(texts, bearer(KEY_A)) is first  # built once, reused
+    assert await wrap("/clipserve.v1.EmbeddingService/EmbedImages", bearer(KEY_A)) is not first
+    refused = await wrap(texts)  # no key: refused on this call, the cache notwithstanding
+    with pytest.raises(Aborted) as info:
+        await refused.unary_unary(None, Context())
+    assert info.value.code is grpc.StatusCode.UNAUTHENTICATED
+    handlers[texts] = unary(echo)  # a new servicer handler for the method gets a new wrapper
+    assert await wrap(texts, bearer(KEY_A)) is not first
+    await first.unary_unary(pb.EmbedTextsRequest(texts=["x"]), Context())
+    assert guard.in_flight == 0
+
+
 async def test_guard_counts_a_stream_once_and_checks_each_streamed_message():
     async def stream(requests, context):
         async for request in requests:

@@ -298,3 +298,50 @@ def test_fit_ood_state_then_score_ood_for_every_kind():
         cal.fit_ood_state("mahalanobis", id_fit)
     with pytest.raises(ValueError, match="known"):
         cal.fit_ood_state("energy", id_fit)
+
+
+# ---- embedding comparison: the one cosine the gateway, the export and the benchmarks share.
+
+def test_cosine_rows_is_scale_free_clipped_and_zero_for_a_zero_row():
+    a = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=np.float32)
+    b = np.array([[6.0, 8.0], [0.0, 2.0], [1.0, 0.0], [-2.0, -2.0]], dtype=np.float32)
+    got = cal.cosine_rows(a, b)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, [1.0, 0.0, 0.0, -1.0], atol=1e-15)
+    assert (np.abs(got) <= 1.0).all()  # rounding never leaves [-1, 1]
+
+
+def test_label_cosines_are_float64_image_by_label():
+    images = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    labels = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    got = cal.label_cosines(images, labels)
+    assert got.shape == (3, 2) and got.dtype == np.float64
+    np.testing.assert_allclose(got[2], [0.6, 0.8], atol=1e-7)
+
+
+def test_top1_agreements_counts_rows_with_the_same_argmax():
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    q = np.array([[0.7, 0.3], [0.9, 0.1], [0.55, 0.45]])
+    assert cal.top1_agreements(p, q) == 2
+    assert cal.top1_agreements(p, p) == 3
+
+
+def test_compare_to_reference_sees_a_flipped_top1_and_its_kl():
+    labels = np.eye(2)
+    served = np.array([[1.0, 0.0], [0.8, 0.6]])
+    reference = np.array([[1.0, 0.0], [0.6, 0.8]])  # second image: the other label wins
+    cosines, kl, agreements = cal.compare_to_reference(served, labels, 0.1, reference,
+                                                       labels, 0.1)
+    np.testing.assert_allclose(cosines, [1.0, 0.96], atol=1e-12)
+    # Logits 8 vs 6 either way round: softmax (s, 1 - s) against (1 - s, s) with
+    # s = 1 / (1 + e^-2), so KL = (2s - 1) * ln(s / (1 - s)) = 2 tanh(1).
+    assert kl[0] == pytest.approx(0.0, abs=1e-12)
+    assert kl[1] == pytest.approx(2 * np.tanh(1.0), rel=1e-12)
+    assert agreements == 1
+
+
+def test_average_prompts_renormalises_the_mean_per_label():
+    vectors = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], dtype=np.float32)  # 2 labels x 2
+    out = cal.average_prompts(vectors, 2)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[np.sqrt(0.5), np.sqrt(0.5)], [1, 0]], atol=1e-6)

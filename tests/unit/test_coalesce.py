@@ -215,7 +215,7 @@ async def test_servicer_merges_overlapping_calls_and_an_undecodable_image_fails_
         pb.EmbedImagesRequest(images=[b"\x89PNG not really"]), FakeContext()))
     third = asyncio.ensure_future(h.service.EmbedImages(
         pb.EmbedImagesRequest(images=[png(colors[2])]), FakeContext()))
-    lanes = h.service._coalescer._lanes
+    lanes = h.service.embedder.coalescer._lanes
     for _ in range(1000):  # until both good calls are decoded and waiting behind the first
         if broken.done() and sum(len(lane.waiting) for lane in lanes.values()) == 2:
             break

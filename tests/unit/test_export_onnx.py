@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from clipserve import calibration as cal
 from clipserve.endpoints import EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Tower
 from clipserve.export import evaluate, quantize, train
 from clipserve.export import onnx_export as ox
@@ -68,7 +69,7 @@ def test_text_truncated_at_context_length_still_finds_end_of_text(open_clip_mode
     ids[0, 0], ids[0, -1] = 49406, 49407
     got = evaluate.embed(evaluate.make_session(path), ids)
     ref = ox.torch_embed(open_clip_models["digits-s"], Tower.TEXT, shapes, ids)
-    assert evaluate.cosine_to_reference(got, ref)[0] >= ox.PARITY_MIN_COSINE
+    assert cal.cosine_rows(got, ref)[0] >= ox.PARITY_MIN_COSINE
 
 
 # Bounds for a random-init digits-s on random inputs, set below what was measured here
@@ -96,7 +97,7 @@ def test_quantized_variants(exported, tmp_path, precision, min_mean_cos, op, tow
     ref = evaluate.embed(evaluate.make_session(src), inputs)
     got = evaluate.embed(evaluate.make_session(dst), inputs)
     assert np.isfinite(got).all()
-    assert evaluate.cosine_to_reference(got, ref).mean() >= min_mean_cos
+    assert cal.cosine_rows(got, ref).mean() >= min_mean_cos
     assert any(node.op_type == op for node in onnx.load(dst).graph.node)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
 
@@ -157,7 +158,7 @@ def test_tensorrt_int8_is_symmetric_qdq_on_every_weighted_layer(exported, tmp_pa
     ref = evaluate.embed(evaluate.make_session(src), inputs)
     got = evaluate.embed(evaluate.make_session(dst), inputs)
     assert np.isfinite(got).all()
-    assert evaluate.cosine_to_reference(got, ref).mean() >= 0.98
+    assert cal.cosine_rows(got, ref).mean() >= 0.98
 
 
 def test_the_tensorrt_check_finds_asymmetric_and_uncovered_layers(exported, tmp_path):

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from clipserve.calibration import score_ece, score_kl, score_mcm
+from clipserve.calibration import (average_prompts, compare_to_reference, score_ece, score_kl,
+                                   score_mcm)
 from clipserve.endpoints import Precision, Tower
 from clipserve.server.config import ServerConfig
 from clipserve.server.errors import ServingError
-from clipserve.server.live_quality import (BoundedStore, CalibrationWindow, LabelEmbeddingCache,
-                                           LabelIndex, LabelSetKey, average_prompts,
-                                           compare_embeddings)
+from clipserve.server.bounded_store import BoundedStore
+from clipserve.server.label_cache import LabelEmbeddingCache, LabelSetKey
+from clipserve.server.outcomes import CalibrationWindow, LabelIndex
 from clipserve.server.metrics import Eviction, ServerMetrics
 from clipserve.server.routing import HEADER_PRECISION
 from clipserve.server.service import HEADER_REQUEST_ID, HEADER_STORE_PREDICTION
@@ -59,13 +60,13 @@ def test_score_kl_is_zero_for_identical_rows_and_matches_the_definition():
     assert np.isfinite(score_kl(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))).all()
 
 
-def test_compare_embeddings_of_identical_inputs_agree_fully():
+def test_compare_to_reference_of_identical_inputs_agree_fully():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(6, 8))
     images /= np.linalg.norm(images, axis=1, keepdims=True)
     labels = rng.normal(size=(3, 8))
     labels /= np.linalg.norm(labels, axis=1, keepdims=True)
-    cosines, kl, agreements = compare_embeddings(images, labels, 0.05, images, labels, 0.05)
+    cosines, kl, agreements = compare_to_reference(images, labels, 0.05, images, labels, 0.05)
     np.testing.assert_allclose(cosines, 1.0, atol=1e-12)
     np.testing.assert_allclose(kl, 0.0, atol=1e-12)
     assert agreements == 6
@@ -172,12 +173,6 @@ async def test_label_cache_failure_reaches_callers_and_prefetch_backs_off():
     cache.prefetch(KEY)
     await asyncio.sleep(0.01)
     assert attempts == [0.0, 6.0]
-
-
-def test_average_prompts_renormalises_the_mean_per_label():
-    vectors = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], dtype=np.float32)  # 2 labels x 2
-    out = average_prompts(vectors, 2)
-    np.testing.assert_allclose(out, [[math.sqrt(0.5), math.sqrt(0.5)], [1, 0]], atol=1e-6)
 
 
 # -- live OOD through the servicer -------------------------------------------------------------
@@ -483,7 +478,7 @@ async def test_the_store_header_can_opt_out_and_rejects_other_values(live):
 
 async def test_predictions_expire_and_the_store_stays_within_its_budget(live):
     h = await live(outcome_ttl_s=60, outcome_store_mib=1)
-    store = h.service.live.outcomes
+    store = h.service.live.outcomes.store
     clock = FakeClock()
     store._clock = clock
     response = await classify(h, COLORS[:1])
@@ -551,7 +546,7 @@ async def test_shadow_measures_a_perturbed_precision(live):
     await wait_idle(h)
     served = np.array([e.values for e in response.embeddings])
     reference = fake_image_embeddings(COLORS)
-    cosines, kl, agreements = compare_embeddings(
+    cosines, kl, agreements = compare_to_reference(
         served, fake_label_embeddings(), TEMPERATURE, reference,
         fake_label_embeddings(), TEMPERATURE)  # the fake text towers are the same
     assert cosines.max() < 1 - 1e-3 and kl.sum() > 0

@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 
+from clipserve import calibration as cal
 from clipserve import cpu
 from clipserve.endpoints import Precision, Sidecar, Tower
 from clipserve.export import evaluate, quantize, repository, runtimes, train, triton_model
@@ -75,13 +76,13 @@ def test_openvino_parity_per_precision(variants, key, tower):
     session = runtimes.make_session(files[key, tower], "openvino", precision, threads=2)
     got = evaluate.embed(session, inputs, batch_size=8)
     assert got.shape == reference.shape and np.isfinite(got).all()
-    cos = evaluate.cosine_to_reference(got, reference)
+    cos = cal.cosine_rows(got, reference)
     assert cos.min() >= BOUNDS[key], (key, tower, cos.min())
     if key is Precision.FP32:  # hint f32: not silently bf16 (would be ~0.999, not 1 - 1e-6)
         assert cos.min() >= 0.999999
     if key in SAME_FILE:
         same = evaluate.embed(evaluate.make_session(files[key, tower]), inputs)
-        assert evaluate.cosine_to_reference(got, same).min() >= SAME_FILE[key]
+        assert cal.cosine_rows(got, same).min() >= SAME_FILE[key]
 
 
 def test_bf16_hint_really_changes_the_arithmetic(variants):
@@ -91,7 +92,7 @@ def test_bf16_hint_really_changes_the_arithmetic(variants):
     bf16 = runtimes.make_session(files[Precision.BF16, Tower.IMAGE], "openvino", "bf16", 1)
     a, b = (s.run(None, {"pixels": inputs})[0] for s in (f32, bf16))
     assert not np.array_equal(a, b)  # the hint reached the plugin
-    assert evaluate.cosine_to_reference(a, b).min() < 0.999999
+    assert cal.cosine_rows(a, b).min() < 0.999999
 
 
 def fake_speed(monkeypatch, speeds):
@@ -240,7 +241,7 @@ def test_triton_model_runs_openvino_and_falls_back_when_missing(variants, monkey
                for level, m in pb.logged)
     (response,) = fallback.execute([{"pixels": pb.Tensor("pixels", pixels)}])
     got = response.output_tensors[0].array
-    assert evaluate.cosine_to_reference(got, ok.output_tensors[0].array).min() >= BOUNDS[Precision.BF16]
+    assert cal.cosine_rows(got, ok.output_tensors[0].array).min() >= BOUNDS[Precision.BF16]
 
 
 def test_triton_model_rejects_an_unknown_runtime(variants, monkeypatch, tmp_path):

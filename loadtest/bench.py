@@ -46,6 +46,9 @@ from clipserve.procs import free_port, group_cpu_s, self_cpu_s, start_group, sto
 
 from . import bench_report, roofline, runner
 from . import workload as wl
+from .bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem, ModelResult, OrtResult,
+                            PeerDtype, PeerResult, PrecisionResult, Profile, RunSummary,
+                            StackRuns, TritonStats)
 from .soak import carry_section
 
 HOST = "127.0.0.1"
@@ -210,7 +213,8 @@ class GatewayProcess:
 
 # -- measurements -------------------------------------------------------------------------
 
-def ort_throughput(path: Path, pixels: np.ndarray, batches: list[int], seconds: float) -> dict:
+def ort_throughput(path: Path, pixels: np.ndarray, batches: list[int],
+                   seconds: float) -> OrtResult:
     """Items/s of raw onnxruntime on ``path`` per batch size, session options as Triton's
     model.py sets them (all cores, full graph optimisation)."""
     import onnxruntime as ort
@@ -237,8 +241,8 @@ def ort_throughput(path: Path, pixels: np.ndarray, batches: list[int], seconds: 
         by_batch[batch] = batch * runs / elapsed
         seconds_per_item = 1.0 / by_batch[batch]
     best = max(by_batch, key=by_batch.get)
-    return {"by_batch": {str(b): round(v, 3) for b, v in by_batch.items()},
-            "best_batch": best, "best_items_per_s": round(by_batch[best], 3)}
+    return OrtResult(by_batch={b: round(v, 3) for b, v in by_batch.items()}, best_batch=best,
+                     best_items_per_s=round(by_batch[best], 3))
 
 
 def triton_stats(url: str, model: str) -> dict:
@@ -263,34 +267,26 @@ def triton_stats(url: str, model: str) -> dict:
 
 
 def stats_delta(before: dict, after: dict) -> dict:
-    """What Triton did between two snapshots: the average batch it formed, time queued per
-    request, model time per execution and per item."""
-    executions = after["execution_count"] - before["execution_count"]
-    items = after["inference_count"] - before["inference_count"]
-    requests = after["success"][0] - before["success"][0]
-    if not executions or not requests:
-        return {"executions": executions, "items": items}
+    """What Triton did between two snapshots, as a dict (see :meth:`TritonStats.delta`)."""
+    return TritonStats.delta(before, after).to_dict()
 
-    def per_request_ms(name):
-        return (after[name][1] - before[name][1]) / requests / 1e6
-    # Triton charges each request of a batch the whole batch's compute time.
-    infer_ms = per_request_ms("compute_infer")
-    avg_batch = items / executions
-    return {"executions": executions, "items": items, "avg_batch": round(avg_batch, 3),
-            "queue_ms_per_request": round(per_request_ms("queue"), 3),
-            "compute_ms_per_execution": round(infer_ms, 3),
-            "compute_ms_per_item": round(infer_ms / avg_batch, 3),
-            "input_output_ms_per_request": round(per_request_ms("compute_input")
-                                                 + per_request_ms("compute_output"), 3)}
+
+def run_summary(run: runner.RunResult, concurrency: int, cpu: dict | None = None,
+                stats: TritonStats | None = None) -> RunSummary:
+    """One run's summary; ``cpu`` is CPU seconds per process group over the window."""
+    data = run.overall().to_dict()  # rounded as `clipserve loadtest --json` writes them
+    items = data["items"]
+    return RunSummary(
+        concurrency=concurrency, requests=data["requests"], ok=data["ok"], items=items,
+        duration_s=data["duration_s"], items_per_s=data["items_per_s"],
+        error_rate=data["error_rate"], errors=data["errors"], latency_ms=data["latency_ms"],
+        cpu=CpuPerItem({k: round(v * 1000 / max(items, 1), 3) for k, v in (cpu or {}).items()}),
+        triton_stats=stats)
 
 
 def summarize_run(run: runner.RunResult, concurrency: int, cpu: dict | None = None) -> dict:
-    data = run.overall().to_dict()
-    data["concurrency"] = concurrency
-    if cpu:
-        data["cpu_ms_per_item"] = {k: round(v * 1000 / max(data["items"], 1), 3)
-                                   for k, v in cpu.items()}
-    return data
+    """:func:`run_summary` as bench.json writes it (for callers that keep dicts)."""
+    return run_summary(run, concurrency, cpu).to_dict()
 
 
 async def _closed(target, workload, concurrency, duration, warmup) -> runner.RunResult:
@@ -342,17 +338,22 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish_py_spy(proc: subprocess.Popen | None, out: Path) -> dict:
+def finish_py_spy(proc: subprocess.Popen | None, out: Path, precision: str,
+                  concurrency: int) -> Profile:
+    """Wait for py-spy and summarise its output; a Profile whose status says why not if
+    there is none."""
+    where = {"precision": precision, "concurrency": concurrency}
     if proc is None:
-        return {"status": "py-spy not installed"}
+        return Profile(status="py-spy not installed", **where)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-        return {"status": "py-spy did not finish"}
+        return Profile(status="py-spy did not finish", **where)
     if proc.returncode != 0 or not out.is_file():
-        return {"status": f"py-spy failed: {(err or '').strip()[-300:]}"}
-    return {"status": "ok", **bench_report.summarize_collapsed(out.read_text())}
+        return Profile(status=f"py-spy failed: {(err or '').strip()[-300:]}", **where)
+    return Profile.from_dict({"status": "ok", **where,
+                              **bench_report.summarize_collapsed(out.read_text())})
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -463,7 +464,8 @@ def machine_info() -> dict:
             "versions": versions}
 
 
-def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log) -> dict:
+def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
+                log: Log) -> ModelResult:
     """Everything measured for one model: see the module docstring."""
     from clipserve.export.models import parse_model
     from clipserve.server.repository import Catalog
@@ -486,10 +488,11 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
     log(f"{scale}: image tower {flops['total'] / 1e9:.3f} GFLOP per image at {size}x{size}")
     pixels = wl.builtin_pixels(64, size)
     images = [wl.encode_png(p) for p in pixels]
-    result: dict = {"spec": spec, "scale": scale, "image_size": size,
+    model_result = {"spec": spec, "scale": scale, "image_size": size,
                     "repository": repository.name, "export_current": current,
                     "image_flops": flops["total"], "flops_by_op": flops["by_op"],
-                    "flops_uncounted": len(flops["uncounted"]), "precisions": {}}
+                    "flops_uncounted": len(flops["uncounted"])}
+    ort_results: dict[str, tuple[int, OrtResult]] = {}
 
     max_batch = image_spec.max_batch_size or 64
     batches = [b for b in (int(x) for x in config.ort_batches) if b <= max_batch]
@@ -499,9 +502,9 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
         size_bytes = sum(f.stat().st_size for f in (spec_p.directory / "1").glob("model.onnx*"))
         log(f"{scale} {p.value}: raw onnxruntime at batch {', '.join(map(str, batches))}")
         ort_result = ort_throughput(onnx_path, pixels, batches, config.ort_seconds)
-        log(f"  best {ort_result['best_items_per_s']:.1f} items/s at batch "
-            f"{ort_result['best_batch']}")
-        result["precisions"][p.value] = {"model_bytes": size_bytes, "ort": ort_result}
+        log(f"  best {ort_result.best_items_per_s:.1f} items/s at batch "
+            f"{ort_result.best_batch}")
+        ort_results[p.value] = (size_bytes, ort_result)
     if config.runtime_axis:
         from clipserve import cpu as cpu_info
 
@@ -511,10 +514,10 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
                  for p in precisions if p in (Precision.FP32, Precision.INT8)}
         peaks = roofline.precision_peaks(cpu_info.detect(), config_gflops(config))
         log(f"{scale}: runtime axis at batch {config.runtime_batch}")
-        result["runtime_axis"] = runtime_bench.measure(
+        model_result["runtime_axis"] = runtime_bench.measure(
             files, pixels[np.arange(config.runtime_batch) % len(pixels)], config.runtime_threads,
             config.ort_seconds, flops["total"], peaks, log=log)
-        result["peaks"] = peaks
+        model_result["peaks"] = peaks
 
     logs = cache / "logs"
     triton = TritonProcess(repository, log_path=logs / f"triton-{scale}.log")
@@ -523,14 +526,16 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
     gateways = {name: GatewayProcess(repository, triton.grpc_url, scale,
                                      logs / f"{name}-{scale}.log", extra_args=flags)
                 for name, flags in config.gateway_variants.items()}
-    result["gateways"] = {name: list(flags) for name, flags in config.gateway_variants.items()}
+    profile: Profile | None = None
+    stack_rounds: dict[str, dict[str, list[dict[int, RunSummary]]]] = {
+        p.value: {} for p in precisions}
     try:
         for name, gateway in gateways.items():
             log(f"{scale}: starting the gateway {name} ({' '.join(gateway.extra_args)})")
             gateway.start()
         # CPU by process group: a gateway's workers are in its group.
         groups = {"triton": triton.pid, **{name: g.pid for name, g in gateways.items()}}
-        profiled = "gateway" if "gateway" in gateways else next(iter(gateways))
+        profiled = GATEWAY if GATEWAY in gateways else next(iter(gateways))
         workload = wl.Workload({"image": 1.0}, images)
         # A fresh onnxruntime session is slow for its first runs (allocations, kernel set-up),
         # and only the first precision measured would pay for it: warm every endpoint first,
@@ -541,72 +546,73 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path, log: Log
             for c in config.steps:
                 warm(lambda m=model: TritonTarget(triton.grpc_url, m, size), workload, c)
         def measure_stack(stack: str, factory, load, r: int, i: int, p: Precision,
-                          model: str) -> dict:
+                          model: str) -> dict[int, RunSummary]:
             """One stack at each of its concurrencies: summaries by concurrency."""
+            nonlocal profile
             runs = {}
-            for c in ([1, config.concurrency] if stack == "triton" else config.steps):
+            for c in ([1, config.concurrency] if stack == TRITON else config.steps):
                 duration = config.latency_duration if c == 1 else config.duration
-                profile = (stack == profiled and c == config.concurrency and i == 0 and r == 0
-                           and config.profile)
+                profile_this = (stack == profiled and c == config.concurrency and i == 0
+                                and r == 0 and config.profile)
                 spy = (start_py_spy(gateways[stack].pid, duration, logs / f"py-spy-{scale}.txt")
-                       if profile else None)
+                       if profile_this else None)
                 before = triton_stats(triton.grpc_url, model)
                 run, cpu = measure(factory, load, c, duration, config.warmup, groups)
-                summary = summarize_run(run, c, cpu)
-                summary["triton_stats"] = stats_delta(before, triton_stats(triton.grpc_url, model))
-                runs[str(c)] = summary
-                if profile:
-                    profile_data = finish_py_spy(spy, logs / f"py-spy-{scale}.txt")
-                    result["gateway_profile"] = {"precision": p.value, "concurrency": c,
-                                                 **profile_data}
-                lat = summary["latency_ms"]
-                log(f"{scale} {p.value} {stack:7s} c={c:<3d} {summary['items_per_s']:8.1f} "
-                    f"items/s  p50 {lat['p50'] or 0:8.1f} ms  p99 {lat['p99'] or 0:8.1f} ms"
-                    f"  Triton batch {summary['triton_stats'].get('avg_batch', 0):5.2f}"
-                    f"  errors {sum(summary['errors'].values())}")
+                summary = run_summary(run, c, cpu, TritonStats.delta(
+                    before, triton_stats(triton.grpc_url, model)))
+                runs[c] = summary
+                if profile_this:
+                    profile = finish_py_spy(spy, logs / f"py-spy-{scale}.txt", p.value, c)
+                log(f"{scale} {p.value} {stack:7s} c={c:<3d} {summary.items_per_s:8.1f} "
+                    f"items/s  p50 {summary.p50 or 0:8.1f} ms  p99 {summary.p99 or 0:8.1f} ms"
+                    f"  Triton batch {summary.triton_stats.avg_batch or 0:5.2f}"
+                    f"  errors {summary.error_count}")
             return runs
 
         for i, p in enumerate(precisions):
             model = endpoint_name(scale, p, Tower.IMAGE)
-            entry = result["precisions"][p.value]
+            rounds = stack_rounds[p.value]
             gw_workload = wl.Workload({"image": 1.0}, images,
                                       metadata=wl.routing_metadata(scale, p.value))
             stacks = {
-                "triton": (lambda m=model: TritonTarget(triton.grpc_url, m, size), workload),
+                TRITON: (lambda m=model: TritonTarget(triton.grpc_url, m, size), workload),
                 **{name: (lambda a=g.address: GatewayTarget(a), gw_workload)
                    for name, g in gateways.items()},
             }
             for stack in stacks:
-                entry[stack] = {"runs": {}, "rounds": []}
+                rounds[stack] = []
             # Rounds repeat every stack, each round in another order (a shared machine's load
-            # drifts): "runs" keeps the first round, "rounds" all of them.
+            # drifts): the report reads the first round, bench.json has all of them.
             order = list(stacks)
             for r in range(config.rounds):
                 for stack in order[r % len(order):] + order[:r % len(order)]:
-                    entry[stack]["rounds"].append(measure_stack(stack, *stacks[stack], r, i, p,
-                                                                model))
-                    if r == 0:
-                        entry[stack]["runs"] = entry[stack]["rounds"][0]
+                    rounds[stack].append(measure_stack(stack, *stacks[stack], r, i, p, model))
     finally:
         for gateway in gateways.values():
             gateway.stop()
         triton.stop()
 
-    if config.peer and config.peer_dtypes:
-        result["peer"] = bench_peer(model_spec.name, images, config, cache, log)
-    return result
+    peer = (bench_peer(model_spec.name, images, config, cache, log)
+            if config.peer and config.peer_dtypes else None)
+    return ModelResult(
+        **model_result,
+        precisions={p: PrecisionResult(model_bytes=size_bytes, ort=ort_result,
+                                       stacks={name: StackRuns(tuple(r)) for name, r in
+                                               stack_rounds.get(p, {}).items()})
+                    for p, (size_bytes, ort_result) in ort_results.items()},
+        gateways=dict(config.gateway_variants), profile=profile, peer=peer)
 
 
 def bench_peer(arch: str, images: list[bytes], config: BenchConfig, cache: Path,
-               log: Log) -> dict:
+               log: Log) -> PeerResult:
     """infinity-emb at each dtype, swept like the gateway; failures are recorded, not raised."""
     from . import peer as peer_mod
     from .peer_model import ARCHITECTURES
     from .targets import InfinityTarget
 
     if arch not in ARCHITECTURES:
-        return {"status": "skipped", "reason": f"no Hugging Face mapping for {arch} (the peer "
-                                               f"runs {', '.join(ARCHITECTURES)})"}
+        return PeerResult(status="skipped", reason=f"no Hugging Face mapping for {arch} (the "
+                                                   f"peer runs {', '.join(ARCHITECTURES)})")
     logs = cache / "logs"
     try:
         log("peer: preparing the infinity-emb virtualenv (cached after the first run)")
@@ -615,16 +621,16 @@ def bench_peer(arch: str, images: list[bytes], config: BenchConfig, cache: Path,
                                               logs / "peer-model.log")
     except peer_mod.PeerError as exc:
         log(f"peer: FAILED: {exc}")
-        return {"status": "failed", "error": str(exc)}
+        return PeerResult(status="failed", error=str(exc))
     version = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
                               "print(m.version('infinity-emb'), m.version('torch'))"],
                              capture_output=True, text=True).stdout.split()
-    result: dict = {"status": "ok", "server": "infinity-emb", "versions": version, "dtypes": {}}
+    dtypes: dict[str, PeerDtype] = {}
     workload = wl.Workload({"image": 1.0}, images)
     for dtype in config.peer_dtypes:
         server = peer_mod.PeerServer(python, model_dir, logs / f"peer-{dtype}.log", dtype)
-        entry: dict = {"precision": PEER_DTYPES[dtype].value, "runs": {}}
-        result["dtypes"][dtype] = entry
+        precision = PEER_DTYPES[dtype].value
+        runs: dict[int, RunSummary] = {}
         try:
             log(f"peer {dtype}: starting infinity_emb on {server.address}")
             server.start(timeout_s=300)
@@ -632,44 +638,44 @@ def bench_peer(arch: str, images: list[bytes], config: BenchConfig, cache: Path,
                 duration = config.latency_duration if c == 1 else config.duration
                 run, cpu = measure(lambda: InfinityTarget(server.address, server.MODEL_NAME),
                                    workload, c, duration, config.warmup, {"peer": server.pid})
-                summary = summarize_run(run, c, cpu)
-                entry["runs"][str(c)] = summary
-                lat = summary["latency_ms"]
-                log(f"peer {dtype:7s} c={c:<3d} {summary['items_per_s']:8.1f} items/s  "
-                    f"p50 {lat['p50'] or 0:8.1f} ms  p99 {lat['p99'] or 0:8.1f} ms  errors "
-                    f"{sum(summary['errors'].values())}")
-                if summary["ok"] == 0:
-                    raise peer_mod.PeerError(f"every call failed ({summary['errors']}):\n"
+                summary = runs[c] = run_summary(run, c, cpu)
+                log(f"peer {dtype:7s} c={c:<3d} {summary.items_per_s:8.1f} items/s  "
+                    f"p50 {summary.p50 or 0:8.1f} ms  p99 {summary.p99 or 0:8.1f} ms  errors "
+                    f"{summary.error_count}")
+                if summary.ok == 0:
+                    raise peer_mod.PeerError(f"every call failed ({summary.errors}):\n"
                                              f"{server.log_tail()}")
-            entry["status"] = "ok"
+            dtypes[dtype] = PeerDtype(precision=precision, status="ok", runs=runs)
         except peer_mod.PeerError as exc:
             log(f"peer {dtype}: FAILED: {str(exc).splitlines()[0]}")
-            entry.update(status="failed", error=str(exc)[-2000:])
+            dtypes[dtype] = PeerDtype(precision=precision, status="failed", runs=runs,
+                                      error=str(exc)[-2000:])
         finally:
             server.stop()
-    return result
+    return PeerResult(status="ok", server="infinity-emb", versions=tuple(version), dtypes=dtypes)
 
 
-def run(config: BenchConfig) -> dict:
+def run(config: BenchConfig) -> BenchResults:
     """The whole benchmark; returns the results written to ``<out>/bench.json``."""
     log = Log()
     cache, out = Path(config.bench_cache_dir).resolve(), Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"config: {describe(config)}")
-    results: dict = {"version": 1, "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                     "command": "python -m clipserve.loadtest.bench " + " ".join(sys.argv[1:]),
-                     "config": dataclasses.asdict(config), "machine": machine_info(),
-                     "models": {}}
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    machine = machine_info()
     log(f"roofline: {config.matmul_n}x{config.matmul_n} float32 matmul")
     gflops = roofline.attainable_gflops(config.matmul_n, 3.0)
     _MEASURED_GFLOPS[config.matmul_n] = gflops
-    results["roofline"] = {"attainable_gflops": round(gflops, 2), "matmul_n": config.matmul_n}
     log(f"  attainable {gflops:.1f} GFLOP/s")
-    for spec in [s.strip() for s in config.models.split(",") if s.strip()]:
-        results["models"][spec] = bench_model(spec, config, cache, out, log)
-    results["machine"]["loadavg_end"] = os.getloadavg()
-    results["wall_s"] = round(time.monotonic() - log.start, 1)
-    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    models = {spec: bench_model(spec, config, cache, out, log)
+              for spec in [s.strip() for s in config.models.split(",") if s.strip()]}
+    machine["loadavg_end"] = os.getloadavg()
+    results = BenchResults(
+        config=dataclasses.asdict(config), machine=machine, models=models,
+        attainable_gflops=round(gflops, 2), matmul_n=config.matmul_n, started_at=started,
+        command="python -m clipserve.loadtest.bench " + " ".join(sys.argv[1:]),
+        wall_s=round(time.monotonic() - log.start, 1))
+    (out / "bench.json").write_text(json.dumps(results.to_dict(), indent=2) + "\n")
     plots = bench_report.plot_all(results, out)
     markdown = bench_report.markdown(results, plots, Path(config.markdown).resolve().parent)
     # The soak's RELIABILITY section comes from another command: keep it.

@@ -1,7 +1,10 @@
 """The benchmark's arithmetic and report: ratios, targets, the explanation of misses, plots and
-BENCHMARKS.md, all computed from the results dict that :mod:`.bench` writes to bench.json.
+BENCHMARKS.md, all computed from the :class:`~.bench_results.BenchResults` that :mod:`.bench`
+measures and writes to bench.json. A missed target's explanation is built from that run's
+measurements only: CPU per process, Triton's statistics and the gateway's py-spy profile (its
+largest self-time areas, with their shares); without a profile it says none was taken.
 
-Pure functions of that dict (plus matplotlib for the PNGs), so the report can be regenerated
+Pure functions of the results (plus matplotlib for the PNGs), so the report can be regenerated
 from a saved bench.json::
 
     python -m clipserve.loadtest.bench_report benchmarks/bench.json BENCHMARKS.md
@@ -9,11 +12,15 @@ from a saved bench.json::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem, ModelResult,
+                            PrecisionResult, Profile, RunSummary, TritonStats)
 from .stats import SweepPoint, saturation, throughput_at_p99
 
 # The issue's targets for this 2-core CPU.
@@ -73,207 +80,359 @@ def summarize_collapsed(text: str, top: int = 8) -> dict:
 
 # -- analysis -----------------------------------------------------------------------------
 
-def _run(entry: dict, stack: str, concurrency: int) -> dict | None:
-    return (entry.get(stack) or {}).get("runs", {}).get(str(concurrency))
-
-
-def _lat(run: dict | None, key: str) -> float | None:
-    return None if run is None else run["latency_ms"].get(key)
+def typed(results: BenchResults | dict) -> BenchResults:
+    """``results`` as :class:`BenchResults` (a dict is read as bench.json)."""
+    return results if isinstance(results, BenchResults) else BenchResults.from_dict(results)
 
 
 def _ratio(a, b) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _points(runs: dict) -> list[SweepPoint]:
-    return [SweepPoint(int(c), r["items_per_s"], r["latency_ms"].get("p99"), r["error_rate"])
-            for c, r in sorted(runs.items(), key=lambda kv: int(kv[0]))]
+def _diff(a, b) -> float | None:
+    return None if a is None or b is None else a - b
 
 
-def analyze(results: dict) -> dict:
-    """Per model and precision: the side-by-side numbers, ratios and targets.
+def _points(runs: dict[int, RunSummary]) -> list[SweepPoint]:
+    return [SweepPoint(c, r.items_per_s, r.p99, r.error_rate) for c, r in sorted(runs.items())]
 
-    Returns {"models": {spec: {"rows": {precision: {...}}, "peer": [...]}}, "targets": [...]}.
-    """
-    n = results["config"]["concurrency"]
-    gflops = results.get("roofline", {}).get("attainable_gflops")
-    out: dict = {"models": {}, "targets": []}
-    for spec, model in results["models"].items():
+
+@dataclass(frozen=True)
+class Row:
+    """One precision's side-by-side numbers: N callers for throughput, 1 for latency."""
+
+    precision: str
+    result: PrecisionResult
+    triton_n: RunSummary | None
+    gateway_n: RunSummary | None
+    triton_1: RunSummary | None
+    gateway_1: RunSummary | None
+    fp32: PrecisionResult | None = None  # the same model's fp32, for the speed-ups
+    fp32_triton_n: RunSummary | None = None
+    fp32_gateway_n: RunSummary | None = None
+    image_flops: int = 0
+    attainable_gflops: float | None = None
+
+    @property
+    def model_mb(self) -> float:
+        return self.result.model_bytes / 1e6
+
+    @property
+    def ort_best(self) -> float:
+        return self.result.ort.best_items_per_s
+
+    @property
+    def ort_batch(self) -> int:
+        return self.result.ort.best_batch
+
+    @property
+    def triton(self) -> float | None:
+        return self.triton_n and self.triton_n.items_per_s
+
+    @property
+    def gateway(self) -> float | None:
+        return self.gateway_n and self.gateway_n.items_per_s
+
+    @property
+    def gateway_ratio(self) -> float | None:
+        return _ratio(self.gateway, self.triton)
+
+    @property
+    def added_p50(self) -> float | None:
+        return _diff(self.gateway_1 and self.gateway_1.p50, self.triton_1 and self.triton_1.p50)
+
+    @property
+    def added_p99(self) -> float | None:
+        return _diff(self.gateway_1 and self.gateway_1.p99, self.triton_1 and self.triton_1.p99)
+
+    @property
+    def batching_efficiency(self) -> float | None:
+        return _ratio(self.triton, self.ort_best)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.error_count for s in (TRITON, GATEWAY) if s in self.result.stacks
+                   for r in self.result.stacks[s].runs.values())
+
+    @property
+    def speedup(self) -> dict[str, float | None] | None:
+        """Throughput against fp32, by "ort", "triton", "gateway" (None without fp32)."""
+        if self.fp32 is None:
+            return None
+        return {"ort": _ratio(self.ort_best, self.fp32.ort.best_items_per_s),
+                "triton": _ratio(self.triton, self.fp32_triton_n and
+                                 self.fp32_triton_n.items_per_s),
+                "gateway": _ratio(self.gateway, self.fp32_gateway_n and
+                                  self.fp32_gateway_n.items_per_s)}
+
+    @property
+    def size_ratio(self) -> float | None:
+        return None if self.fp32 is None else _ratio(self.result.model_bytes,
+                                                     self.fp32.model_bytes)
+
+    @property
+    def ort_gflops(self) -> float | None:
+        return self.ort_best * self.image_flops / 1e9 if self.attainable_gflops else None
+
+    @property
+    def ort_roofline(self) -> float | None:
+        return _ratio(self.ort_gflops, self.attainable_gflops)
+
+    @property
+    def gateway_roofline(self) -> float | None:
+        if not self.attainable_gflops:
+            return None
+        return (self.gateway or 0) * self.image_flops / 1e9 / self.attainable_gflops
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """The peer at one dtype against the gateway at the matching precision, at equal p99."""
+
+    dtype: str
+    precision: str
+    status: str
+    error: str = ""
+    budget_ms: float | None = None  # the peer's p99 at its best throughput
+    peer: float | None = None  # the peer's best items/s
+    clipserve: float | None = None  # the gateway's items/s at that p99
+    ort_best: float | None = None
+    peer_points: tuple[SweepPoint, ...] = ()
+    clipserve_points: tuple[SweepPoint, ...] = ()
+    peer_cpu: CpuPerItem = field(default_factory=CpuPerItem)
+    clipserve_cpu: CpuPerItem = field(default_factory=CpuPerItem)
+
+    @property
+    def ratio(self) -> float | None:
+        return _ratio(self.clipserve, self.peer)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue at one model and precision; ``why`` explains a miss from what
+    was measured (empty when met)."""
+
+    model: str
+    scale: str
+    precision: str
+    target: str
+    value: float
+    threshold: float
+    op: str  # ">=" or "<="
+    why: str = ""
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    @property
+    def unit(self) -> str:
+        return "ms" if self.target.endswith("(ms)") else "ratio"
+
+    @property
+    def shortfall(self) -> float:
+        """How far from the threshold on the wrong side (ms, or ratio points), 0 when met."""
+        if self.met:
+            return 0.0
+        return self.value - self.threshold if self.op == "<=" else self.threshold - self.value
+
+    def verdict(self) -> str:
+        if self.met and self.unit == "ms" and self.value < -ADDED_P50_MAX_MS:
+            # The gateway's path includes Triton, so it cannot really be faster: the direct
+            # run was disturbed (other load, or the first run after start-up).
+            return "met; negative: the direct run was disturbed, rerun to confirm"
+        if self.met:
+            return "met"
+        if self.unit == "ms":
+            return f"missed by {self.shortfall:.2f} ms"
+        return f"missed by {self.shortfall * 100:.1f} points"
+
+
+@dataclass(frozen=True)
+class ModelAnalysis:
+    rows: dict[str, Row]
+    peer: list[PeerRow]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    models: dict[str, ModelAnalysis]
+    targets: list[Target]
+
+
+def analyze(results: BenchResults | dict) -> Analysis:
+    """Per model and precision: the side-by-side numbers, ratios and targets."""
+    results = typed(results)
+    n = results.concurrency
+    out = Analysis(models={}, targets=[])
+    for spec, model in results.models.items():
         rows = {}
-        fp32 = model["precisions"].get("fp32")
-        for precision, entry in model["precisions"].items():
-            tri_n, gw_n = _run(entry, "triton", n), _run(entry, "gateway", n)
-            tri_1, gw_1 = _run(entry, "triton", 1), _run(entry, "gateway", 1)
-            ort_best = entry["ort"]["best_items_per_s"]
-            row = {
-                "model_mb": entry["model_bytes"] / 1e6,
-                "ort_best": ort_best, "ort_batch": entry["ort"]["best_batch"],
-                "triton": tri_n and tri_n["items_per_s"], "gateway": gw_n and gw_n["items_per_s"],
-                "triton_p50_1": _lat(tri_1, "p50"), "gateway_p50_1": _lat(gw_1, "p50"),
-                "triton_p99_1": _lat(tri_1, "p99"), "gateway_p99_1": _lat(gw_1, "p99"),
-                "triton_p99_n": _lat(tri_n, "p99"), "gateway_p99_n": _lat(gw_n, "p99"),
-                "errors": sum(sum(r["errors"].values()) for s in ("triton", "gateway")
-                              for r in (entry.get(s) or {}).get("runs", {}).values()),
-            }
-            row["gateway_ratio"] = _ratio(row["gateway"], row["triton"])
-            row["added_p50"] = (None if None in (row["gateway_p50_1"], row["triton_p50_1"])
-                                else row["gateway_p50_1"] - row["triton_p50_1"])
-            row["added_p99"] = (None if None in (row["gateway_p99_1"], row["triton_p99_1"])
-                                else row["gateway_p99_1"] - row["triton_p99_1"])
-            row["batching_efficiency"] = _ratio(row["triton"], ort_best)
-            if fp32 is not None:
-                base_rows = {"ort": fp32["ort"]["best_items_per_s"],
-                             "triton": (_run(fp32, "triton", n) or {}).get("items_per_s"),
-                             "gateway": (_run(fp32, "gateway", n) or {}).get("items_per_s")}
-                row["speedup"] = {k: _ratio(row["ort_best"] if k == "ort" else row[k], v)
-                                  for k, v in base_rows.items()}
-                row["size_ratio"] = _ratio(entry["model_bytes"], fp32["model_bytes"])
-            if gflops:
-                flops = model["image_flops"]
-                row["ort_gflops"] = ort_best * flops / 1e9
-                row["ort_roofline"] = row["ort_gflops"] / gflops
-                row["gateway_roofline"] = (row["gateway"] or 0) * flops / 1e9 / gflops
-            row["evidence"] = {
-                "triton_stats": (tri_n or {}).get("triton_stats", {}),
-                "gateway_stats": (gw_n or {}).get("triton_stats", {}),
-                "cpu_triton_run": (tri_n or {}).get("cpu_ms_per_item", {}),
-                "cpu_gateway_run": (gw_n or {}).get("cpu_ms_per_item", {}),
-                "cpu_gateway_run_1": (gw_1 or {}).get("cpu_ms_per_item", {}),
-                "ort_by_batch": entry["ort"]["by_batch"],
-            }
+        fp32 = model.precisions.get("fp32")
+        for precision, entry in model.precisions.items():
+            row = Row(precision=precision, result=entry,
+                      triton_n=entry.run(TRITON, n), gateway_n=entry.run(GATEWAY, n),
+                      triton_1=entry.run(TRITON, 1), gateway_1=entry.run(GATEWAY, 1),
+                      fp32=fp32, fp32_triton_n=fp32 and fp32.run(TRITON, n),
+                      fp32_gateway_n=fp32 and fp32.run(GATEWAY, n),
+                      image_flops=model.image_flops,
+                      attainable_gflops=results.attainable_gflops)
             rows[precision] = row
-            _targets(out["targets"], spec, precision, row)
+            out.targets.extend(_targets(model, row))
         peer_rows = _peer_rows(model, n)
         for pr in peer_rows:
-            if pr.get("ratio") is not None:
-                out["targets"].append(_target(
-                    spec, pr["precision"], "clipserve / peer items/s at the peer's p99",
-                    pr["ratio"], PEER_RATIO_MIN, pr["ratio"] >= PEER_RATIO_MIN, ">=",
-                    _why_peer(pr)))
-        out["models"][spec] = {"rows": rows, "peer": peer_rows}
+            if pr.ratio is not None:
+                out.targets.append(Target(
+                    spec, model.scale, pr.precision, "clipserve / peer items/s at the peer's p99",
+                    pr.ratio, PEER_RATIO_MIN, ">=",
+                    "" if pr.ratio >= PEER_RATIO_MIN else _why_peer(pr)))
+        out.models[spec] = ModelAnalysis(rows=rows, peer=peer_rows)
     return out
 
 
-def _target(spec, precision, what, value, threshold, met, op, why) -> dict:
-    return {"model": spec, "precision": precision, "target": what, "value": value,
-            "threshold": threshold, "op": op, "met": met, "why": "" if met else why,
-            "unit": "ms" if what.endswith("(ms)") else "ratio"}
+def _targets(model: ModelResult, row: Row) -> list[Target]:
+    def target(what, value, threshold, op, why) -> Target:
+        t = Target(model.spec, model.scale, row.precision, what, value, threshold, op)
+        return t if t.met else dataclasses.replace(t, why=why(row, model.profile))
+    out = []
+    if row.gateway_ratio is not None:
+        out.append(target("gateway / Triton-direct items/s", row.gateway_ratio,
+                          GATEWAY_THROUGHPUT_MIN, ">=", _why_gateway_throughput))
+    if row.added_p50 is not None:
+        out.append(target("gateway added p50, one caller (ms)", row.added_p50,
+                          ADDED_P50_MAX_MS, "<=", _why_added_latency))
+    if row.batching_efficiency is not None:
+        out.append(target("batching efficiency (Triton at N / raw ORT best)",
+                          row.batching_efficiency, BATCHING_EFFICIENCY_MIN, ">=",
+                          _why_batching))
+    return out
 
 
-def _targets(targets: list, spec: str, precision: str, row: dict) -> None:
-    ev = row["evidence"]
-    if row["gateway_ratio"] is not None:
-        targets.append(_target(spec, precision, "gateway / Triton-direct items/s",
-                               row["gateway_ratio"], GATEWAY_THROUGHPUT_MIN,
-                               row["gateway_ratio"] >= GATEWAY_THROUGHPUT_MIN, ">=",
-                               _why_gateway_throughput(row, ev)))
-    if row["added_p50"] is not None:
-        targets.append(_target(spec, precision, "gateway added p50, one caller (ms)",
-                               row["added_p50"], ADDED_P50_MAX_MS,
-                               row["added_p50"] <= ADDED_P50_MAX_MS, "<=",
-                               _why_added_latency(row, ev)))
-    if row["batching_efficiency"] is not None:
-        targets.append(_target(spec, precision, "batching efficiency (Triton at N / raw ORT best)",
-                               row["batching_efficiency"], BATCHING_EFFICIENCY_MIN,
-                               row["batching_efficiency"] >= BATCHING_EFFICIENCY_MIN, ">=",
-                               _why_batching(row, ev)))
+_CPU_NAMES = {GATEWAY: "gateway", TRITON: "Triton+ORT", "client": "load generator",
+              "peer": "infinity-emb"}
 
 
-def _cpu_text(cpu: dict) -> str:
-    names = {"gateway": "gateway", "triton": "Triton+ORT", "client": "load generator",
-             "peer": "infinity-emb"}
-    return ", ".join(f"{names.get(k, k)} {v:.2f}" for k, v in cpu.items() if v > 0.005)
+def _cpu_text(cpu: CpuPerItem) -> str:
+    return ", ".join(f"{_CPU_NAMES.get(k, k)} {v:.2f}" for k, v in cpu.ms.items() if v > 0.005)
 
 
-def _why_gateway_throughput(row: dict, ev: dict) -> str:
-    cpu_t, cpu_g = ev["cpu_triton_run"], ev["cpu_gateway_run"]
-    parts = []
-    if cpu_t and cpu_g:
-        direct = cpu_t.get("triton", 0) + cpu_t.get("client", 0)
-        through = cpu_g.get("triton", 0) + cpu_g.get("gateway", 0) + cpu_g.get("client", 0)
-        parts.append(f"CPU ms per image: direct run {_cpu_text(cpu_t)}; gateway run "
-                     f"{_cpu_text(cpu_g)}. All processes share the same cores, so with the CPU "
-                     f"saturated the expected ratio is about {direct / through:.0%} "
-                     f"({direct:.2f} / {through:.2f} ms)" if through else "")
-    tri, gw = ev["triton_stats"], ev["gateway_stats"]
-    if tri.get("avg_batch") and gw.get("avg_batch"):
-        parts.append(f"Triton formed batches of {tri['avg_batch']:.1f} direct vs "
-                     f"{gw['avg_batch']:.1f} behind the gateway")
-    return "; ".join(p for p in parts if p)
-
-
-def _why_added_latency(row: dict, ev: dict) -> str:
-    cpu = ev["cpu_gateway_run_1"]
-    text = (f"one caller: Triton-direct p50 {row['triton_p50_1']:.2f} ms, gateway p50 "
-            f"{row['gateway_p50_1']:.2f} ms")
-    if cpu.get("gateway"):
-        text += (f"; the gateway spends {cpu['gateway']:.2f} ms of CPU per call (PNG decode, "
-                 "protobuf, a second gRPC hop through tritonclient, asyncio), which is serial "
-                 "work on the request's path")
+def profile_text(profile: Profile | None, top: int = 3) -> str:
+    """Where the gateway's time went, from its py-spy profile: the ``top`` largest self-time
+    areas with their shares, largest first, and the rest together; the top function. Says
+    that nothing was measured when there is no profile, rather than guessing."""
+    if profile is None:
+        return ("no py-spy profile of the gateway was taken in this run, so where its time "
+                "goes was not measured (run with --profile and py-spy installed)")
+    if not profile.ok:
+        return (f"the gateway's py-spy profile is not available ({profile.status}), so where "
+                "its time goes was not measured")
+    named = [(area, pct) for area, pct in profile.by_area if area != "other" and pct > 0]
+    shown = named[:top]
+    rest = round(100.0 - sum(pct for _, pct in shown), 1)
+    parts = [f"{area} {pct:.1f}%" for area, pct in shown]
+    if rest > 0.05:
+        parts.append(f"the rest {rest:.1f}%")
+    text = (f"the gateway's py-spy profile ({profile.precision}, {profile.concurrency} callers, "
+            f"{profile.samples} busy samples) puts its self time in "
+            + (", ".join(parts) if shown else "no known area (all of it unclassified)"))
+    if profile.top_self:
+        name, pct = profile.top_self[0]
+        text += f"; top function {name} {pct:.1f}%"
     return text
 
 
-def _why_batching(row: dict, ev: dict) -> str:
-    st = ev["triton_stats"]
+def _why_gateway_throughput(row: Row, profile: Profile | None) -> str:
+    tri, gw = row.triton_n, row.gateway_n
     parts = []
-    if st.get("avg_batch"):
-        at_batch = ev["ort_by_batch"]
-        nearest = min(at_batch, key=lambda b: abs(int(b) - st["avg_batch"]))
-        parts.append(f"Triton formed batches of {st['avg_batch']:.1f} on average (raw ORT "
-                     f"{at_batch[nearest]:.1f} items/s at batch {nearest}, "
-                     f"{row['ort_best']:.1f} at its best batch {row['ort_batch']})")
-        parts.append(f"model time per item inside Triton {st['compute_ms_per_item']:.2f} ms vs "
-                     f"{1000 / row['ort_best']:.2f} ms raw; {st['queue_ms_per_request']:.1f} ms "
-                     f"queued and {st['input_output_ms_per_request']:.2f} ms of input/output "
-                     "copies per request")
-    cpu = ev["cpu_triton_run"]
-    if cpu:
-        parts.append(f"CPU ms per image: {_cpu_text(cpu)} (the load generator and Triton's "
-                     "gRPC/Python-backend work take cores from onnxruntime)")
+    if tri.cpu and gw.cpu:
+        direct = tri.cpu.of(TRITON, "client")
+        through = gw.cpu.of(TRITON, GATEWAY, "client")
+        if through:
+            parts.append(f"CPU ms per image: direct run {_cpu_text(tri.cpu)}; gateway run "
+                         f"{_cpu_text(gw.cpu)}. All processes share the same cores, so with "
+                         f"the CPU saturated the expected ratio is about {direct / through:.0%} "
+                         f"({direct:.2f} / {through:.2f} ms)")
+    tri_batch = tri.triton_stats and tri.triton_stats.avg_batch
+    gw_batch = gw.triton_stats and gw.triton_stats.avg_batch
+    if tri_batch and gw_batch:
+        parts.append(f"Triton formed batches of {tri_batch:.1f} direct vs {gw_batch:.1f} behind "
+                     "the gateway")
+    parts.append(profile_text(profile))
     return "; ".join(parts)
 
 
-def _why_peer(pr: dict) -> str:
-    text = (f"at p99 <= {pr['budget_ms']:.0f} ms clipserve reaches {pr['clipserve']:.1f} "
-            f"items/s, the peer {pr['peer']:.1f}")
-    if pr.get("ort_best") and pr["peer"] > pr["ort_best"]:
+def _why_added_latency(row: Row, profile: Profile | None) -> str:
+    text = (f"one caller: Triton-direct p50 {row.triton_1.p50:.2f} ms, gateway p50 "
+            f"{row.gateway_1.p50:.2f} ms")
+    gateway_cpu = row.gateway_1.cpu.of(GATEWAY)
+    if gateway_cpu:
+        text += (f"; the gateway spends {gateway_cpu:.2f} ms of CPU per call, serial work on "
+                 "the request's path")
+    return text + "; " + profile_text(profile)
+
+
+def _why_batching(row: Row, profile: Profile | None) -> str:
+    tri = row.triton_n
+    st = tri.triton_stats or TritonStats()
+    parts = []
+    if st.avg_batch:
+        at_batch = row.result.ort.by_batch
+        nearest = min(at_batch, key=lambda b: abs(b - st.avg_batch))
+        parts.append(f"Triton formed batches of {st.avg_batch:.1f} on average (raw ORT "
+                     f"{at_batch[nearest]:.1f} items/s at batch {nearest}, "
+                     f"{row.ort_best:.1f} at its best batch {row.ort_batch})")
+        if st.compute_ms_per_item is not None:
+            parts.append(f"model time per item inside Triton {st.compute_ms_per_item:.2f} ms vs "
+                         f"{1000 / row.ort_best:.2f} ms raw; {st.queue_ms_per_request:.1f} ms "
+                         f"queued and {st.input_output_ms_per_request:.2f} ms of input/output "
+                         "copies per request")
+    if tri.cpu:
+        parts.append(f"CPU ms per image: {_cpu_text(tri.cpu)} (every process shares the same "
+                     "cores; Triton's own process is not profiled, so its CPU is not broken "
+                     "down further)")
+    return "; ".join(parts)
+
+
+def _why_peer(pr: PeerRow) -> str:
+    text = (f"at p99 <= {pr.budget_ms:.0f} ms clipserve reaches {pr.clipserve:.1f} "
+            f"items/s, the peer {pr.peer:.1f}")
+    if pr.ort_best and pr.peer > pr.ort_best:
         text += (f"; the peer is above clipserve's own ceiling (raw onnxruntime in-process, "
-                 f"{pr['ort_best']:.1f} items/s at its best batch), so no serving change closes "
+                 f"{pr.ort_best:.1f} items/s at its best batch), so no serving change closes "
                  "the gap: it is the model runtime on this CPU")
-    if pr.get("peer_cpu") and pr.get("clipserve_cpu"):
-        text += (f"; CPU ms per image at the top step: peer {_cpu_text(pr['peer_cpu'])}; "
-                 f"clipserve {_cpu_text(pr['clipserve_cpu'])}")
+    if pr.peer_cpu and pr.clipserve_cpu:
+        text += (f"; CPU ms per image at the top step: peer {_cpu_text(pr.peer_cpu)}; "
+                 f"clipserve {_cpu_text(pr.clipserve_cpu)}")
     return text
 
 
-def _peer_rows(model: dict, n: int) -> list[dict]:
-    peer = model.get("peer") or {}
+def _peer_rows(model: ModelResult, n: int) -> list[PeerRow]:
+    if model.peer is None:
+        return []
     rows = []
-    for dtype, entry in (peer.get("dtypes") or {}).items():
-        row = {"dtype": dtype, "precision": entry.get("precision"),
-               "status": entry.get("status"), "error": entry.get("error", "")}
-        gw_entry = model["precisions"].get(entry.get("precision") or "")
-        if entry.get("status") == "ok" and entry.get("runs") and gw_entry:
-            peer_points = _points(entry["runs"])
-            gw_points = _points((gw_entry.get("gateway") or {}).get("runs", {}))
+    for dtype, entry in model.peer.dtypes.items():
+        row = PeerRow(dtype=dtype, precision=entry.precision, status=entry.status,
+                      error=entry.error)
+        gw_entry = model.precisions.get(entry.precision)
+        gw_stack = gw_entry and gw_entry.stacks.get(GATEWAY)
+        if entry.status == "ok" and entry.runs and gw_stack:
+            peer_points = _points(entry.runs)
+            gw_points = _points(gw_stack.runs)
             best = saturation(peer_points)
-            budget = best.p99_ms
-            row.update(budget_ms=budget, peer=best.items_per_s, peer_load=best.load,
-                       ort_best=gw_entry["ort"]["best_items_per_s"],
-                       clipserve=throughput_at_p99(gw_points, budget),
-                       peer_points=[(p.load, p.items_per_s, p.p99_ms) for p in peer_points],
-                       clipserve_points=[(p.load, p.items_per_s, p.p99_ms) for p in gw_points],
-                       peer_cpu=(entry["runs"].get(str(n)) or {}).get("cpu_ms_per_item", {}),
-                       clipserve_cpu=(_run(gw_entry, "gateway", n) or {}).get("cpu_ms_per_item",
-                                                                               {}))
-            row["ratio"] = _ratio(row["clipserve"], row["peer"])
+            peer_n, gw_n = entry.runs.get(n), gw_stack.at(n)
+            row = dataclasses.replace(
+                row, budget_ms=best.p99_ms, peer=best.items_per_s,
+                ort_best=gw_entry.ort.best_items_per_s,
+                clipserve=throughput_at_p99(gw_points, best.p99_ms),
+                peer_points=tuple(peer_points), clipserve_points=tuple(gw_points),
+                peer_cpu=peer_n.cpu if peer_n else CpuPerItem(),
+                clipserve_cpu=gw_n.cpu if gw_n else CpuPerItem())
         rows.append(row)
     return rows
 
 
 # -- plots --------------------------------------------------------------------------------
 
-def plot_all(results: dict, out: Path) -> list[Path]:
+def plot_all(results: BenchResults | dict, out: Path) -> list[Path]:
     """One throughput-bars PNG and one p99-vs-throughput PNG per model."""
     import matplotlib
 
@@ -281,25 +440,27 @@ def plot_all(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    results = typed(results)
     analysis = analyze(results)
-    n = results["config"]["concurrency"]
+    n = results.concurrency
     paths = []
-    for spec, model in results["models"].items():
-        rows = analysis["models"][spec]["rows"]
-        scale = model["scale"]
+    for spec, model in results.models.items():
+        rows = analysis.models[spec].rows
+        scale = model.scale
         precisions = list(rows)
         stacks = [("raw ORT (best batch)", "ort_best"), (f"Triton direct, {n} callers", "triton"),
                   (f"gateway, {n} callers", "gateway")]
-        peer_by_precision = {r["precision"]: r for r in analysis["models"][spec]["peer"]
-                             if r.get("peer") is not None}
+        peer_by_precision = {r.precision: r for r in analysis.models[spec].peer
+                             if r.peer is not None}
         fig, ax = plt.subplots(figsize=(9, 4.2))
         width = 0.8 / (len(stacks) + (1 if peer_by_precision else 0))
         x = np.arange(len(precisions))
         for i, (label, key) in enumerate(stacks):
-            ax.bar(x + i * width, [rows[p][key] or 0 for p in precisions], width, label=label)
+            ax.bar(x + i * width, [getattr(rows[p], key) or 0 for p in precisions], width,
+                   label=label)
         if peer_by_precision:
             ax.bar(x + len(stacks) * width,
-                   [peer_by_precision[p]["peer"] if p in peer_by_precision else 0
+                   [peer_by_precision[p].peer if p in peer_by_precision else 0
                     for p in precisions], width, label="infinity-emb (best)")
         ax.set_xticks(x + width * (len(stacks) - (0 if peer_by_precision else 1)) / 2,
                       precisions)
@@ -314,17 +475,18 @@ def plot_all(results: dict, out: Path) -> list[Path]:
         paths.append(path)
 
         fig, ax = plt.subplots(figsize=(9, 4.2))
-        for precision, entry in model["precisions"].items():
-            pts = _points((entry.get("gateway") or {}).get("runs", {}))
+        for precision, entry in model.precisions.items():
+            stack = entry.stacks.get(GATEWAY)
+            pts = _points(stack.runs) if stack else []
             if pts:
                 ax.plot([p.items_per_s for p in pts], [p.p99_ms for p in pts], marker="o",
                         label=f"clipserve gateway {precision}")
                 for p in pts:
                     ax.annotate(f"{p.load:g}", (p.items_per_s, p.p99_ms), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
-        for dtype, entry in ((model.get("peer") or {}).get("dtypes") or {}).items():
-            pts = _points(entry.get("runs") or {})
-            if pts and entry.get("status") == "ok":
+        for dtype, entry in (model.peer.dtypes if model.peer else {}).items():
+            pts = _points(entry.runs)
+            if pts and entry.status == "ok":
                 ax.plot([p.items_per_s for p in pts], [p.p99_ms for p in pts], marker="s",
                         linestyle="--", label=f"infinity-emb {dtype}")
                 for p in pts:
@@ -367,12 +529,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def markdown(results: dict, plots: list[Path], base: Path) -> str:
+def markdown(results: BenchResults | dict, plots: list[Path], base: Path) -> str:
     """BENCHMARKS.md from the results; ``plots`` are linked relative to ``base``."""
+    results = typed(results)
     analysis = analyze(results)
-    cfg, machine = results["config"], results["machine"]
-    n = cfg["concurrency"]
-    gflops = results.get("roofline", {}).get("attainable_gflops")
+    cfg, machine = results.config, results.machine
+    n = results.concurrency
+    gflops = results.attainable_gflops
     load_start, load_end = machine.get("loadavg_start", [0])[0], machine.get("loadavg_end", [0])[0]
     lines = [
         "# clipserve benchmarks",
@@ -380,10 +543,10 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
         "Generated by one command, rerunnable on any machine:",
         "",
         "```bash",
-        results.get("command", "python -m clipserve.loadtest.bench"),
+        results.command,
         "```",
         "",
-        f"Run {results.get('started_at', '?')}, {results.get('wall_s', 0) / 60:.1f} min, on "
+        f"Run {results.started_at or '?'}, {results.wall_s / 60:.1f} min, on "
         f"{machine.get('cpu') or 'an unknown CPU'} ({machine.get('cores')} cores), Python "
         f"{machine.get('python')}, " + ", ".join(f"{k} {v}" for k, v in
                                                  machine.get("versions", {}).items()) + ".",
@@ -412,33 +575,21 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
     ]
     lines += ["## Targets", ""]
     target_rows = []
-    for t in analysis["targets"]:
-        in_ms = t["unit"] == "ms"
-        value = f"{t['value']:.2f} ms" if in_ms else f"{t['value']:.1%}"
-        threshold = (f"{t['op']} {t['threshold']:g} ms" if in_ms
-                     else f"{t['op']} {t['threshold']:.0%}")
-        if t["met"] and in_ms and t["value"] < -ADDED_P50_MAX_MS:
-            # The gateway's path includes Triton, so it cannot really be faster: the direct
-            # run was disturbed (other load, or the first run after start-up).
-            verdict = "met; negative: the direct run was disturbed, rerun to confirm"
-        elif t["met"]:
-            verdict = "met"
-        elif in_ms:
-            verdict = f"missed by {t['value'] - t['threshold']:.2f} ms"
-        else:
-            verdict = f"missed by {(t['threshold'] - t['value']) * 100:.1f} points"
-        target_rows.append([results["models"][t["model"]]["scale"], t["precision"], t["target"],
-                            value, threshold, verdict])
+    for t in analysis.targets:
+        in_ms = t.unit == "ms"
+        value = f"{t.value:.2f} ms" if in_ms else f"{t.value:.1%}"
+        threshold = f"{t.op} {t.threshold:g} ms" if in_ms else f"{t.op} {t.threshold:.0%}"
+        target_rows.append([t.scale, t.precision, t.target, value, threshold, t.verdict()])
     lines += _table(["model", "precision", "target", "measured", "wanted", "verdict"],
                     target_rows)
     lines.append("")
 
-    for spec, model in results["models"].items():
-        rows = analysis["models"][spec]["rows"]
-        scale = model["scale"]
-        lines += [f"## {scale} ({spec}), {model['image_size']}x{model['image_size']} images", ""]
-        if model.get("export_current") is False:
-            lines += [f"The repository ({model['repository']}) was exported before the latest "
+    for spec, model in results.models.items():
+        rows = analysis.models[spec].rows
+        scale = model.scale
+        lines += [f"## {scale} ({spec}), {model.image_size}x{model.image_size} images", ""]
+        if model.export_current is False:
+            lines += [f"The repository ({model.repository}) was exported before the latest "
                       "change to the export stage and reused; rerun with `--reexport` to "
                       "measure a fresh export.", ""]
         lines += _table(
@@ -446,67 +597,69 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
              f"gateway img/s @{n}", "gateway/Triton", "p50 Triton/gateway @1 (ms)",
              "added p50 / p99 @1 (ms)", f"p99 Triton/gateway @{n} (ms)", "batching eff.",
              "errors"],
-            [[p, _f(r["model_mb"]), f"{r['ort_best']:.1f} ({r['ort_batch']})", _f(r["triton"]),
-              _f(r["gateway"]), _pct(r["gateway_ratio"]),
-              f"{_f(r['triton_p50_1'], '{:.2f}')} / {_f(r['gateway_p50_1'], '{:.2f}')}",
-              f"{_f(r['added_p50'], '{:+.2f}')} / {_f(r['added_p99'], '{:+.2f}')}",
-              f"{_f(r['triton_p99_n'], '{:.0f}')} / {_f(r['gateway_p99_n'], '{:.0f}')}",
-              _pct(r["batching_efficiency"]), str(r["errors"])] for p, r in rows.items()])
+            [[p, _f(r.model_mb), f"{r.ort_best:.1f} ({r.ort_batch})", _f(r.triton),
+              _f(r.gateway), _pct(r.gateway_ratio),
+              f"{_f(r.triton_1 and r.triton_1.p50, '{:.2f}')} / "
+              f"{_f(r.gateway_1 and r.gateway_1.p50, '{:.2f}')}",
+              f"{_f(r.added_p50, '{:+.2f}')} / {_f(r.added_p99, '{:+.2f}')}",
+              f"{_f(r.triton_n and r.triton_n.p99, '{:.0f}')} / "
+              f"{_f(r.gateway_n and r.gateway_n.p99, '{:.0f}')}",
+              _pct(r.batching_efficiency), str(r.errors)] for p, r in rows.items()])
         lines.append("")
         if "fp32" in rows:
             lines += ["Precision against FP32 (throughput ratios; size of the image tower's "
                       "ONNX file):", ""]
             lines += _table(["precision", "raw ORT", "Triton direct", "gateway", "size"],
-                            [[p, _x(r["speedup"]["ort"]), _x(r["speedup"]["triton"]),
-                              _x(r["speedup"]["gateway"]), _x(r["size_ratio"])]
+                            [[p, _x(r.speedup["ort"]), _x(r.speedup["triton"]),
+                              _x(r.speedup["gateway"]), _x(r.size_ratio)]
                              for p, r in rows.items() if p != "fp32"])
             lines.append("")
         if gflops:
-            lines += [f"Roofline: the image tower costs {model['image_flops'] / 1e9:.3f} GFLOP per "
+            lines += [f"Roofline: the image tower costs {model.image_flops / 1e9:.3f} GFLOP per "
                       f"image (MatMul/Gemm/Conv of the FP32 ONNX graph at batch 1, 2 FLOPs per "
-                      f"multiply-add); a {results['roofline']['matmul_n']}-square float32 matmul "
+                      f"multiply-add); a {results.matmul_n}-square float32 matmul "
                       f"reaches {gflops:.1f} GFLOP/s here. Quantized rows count the same "
                       "(FP32-equivalent) FLOPs, so above 100% means the precision does less work "
                       "than FP32 arithmetic would.", ""]
             lines += _table(["precision", "raw ORT GFLOP/s", "of attainable",
                              f"gateway @{n} of attainable"],
-                            [[p, _f(r.get("ort_gflops")), _pct(r.get("ort_roofline")),
-                              _pct(r.get("gateway_roofline"))] for p, r in rows.items()])
+                            [[p, _f(r.ort_gflops), _pct(r.ort_roofline),
+                              _pct(r.gateway_roofline)] for p, r in rows.items()])
             lines.append("")
-        if model.get("runtime_axis"):
+        if model.runtime_axis:
             from .runtime_bench import table_lines
 
             lines += [f"Runtime axis (in process, batch {cfg.get('runtime_batch')}, "
                       f"{cfg.get('runtime_threads') or 'all'} threads; each precision at its own "
                       "peak: " + "; ".join(f"{p} {v['factor']:g}x fp32 ({v['assumes']})"
-                                          for p, v in model.get("peaks", {}).items()) + "):", ""]
-            lines += table_lines(model["runtime_axis"])
+                                          for p, v in (model.peaks or {}).items()) + "):", ""]
+            lines += table_lines(model.runtime_axis)
             lines.append("")
-        peer = model.get("peer")
+        peer = model.peer
         if peer:
             lines += ["### Against the peer (infinity-emb)", ""]
-            if peer.get("status") != "ok":
-                lines += [f"Peer not measured: {peer.get('reason') or peer.get('error')}", ""]
+            if peer.status != "ok":
+                lines += [f"Peer not measured: {peer.reason or peer.error}", ""]
             else:
-                lines += [f"infinity-emb {' / torch '.join(peer.get('versions', []))}, "
+                lines += [f"infinity-emb {' / torch '.join(peer.versions)}, "
                           "`--engine torch --device cpu`, its own dynamic batching (batch 32). "
                           "Both swept over concurrent callers; *at equal p99* reads clipserve's "
                           "sweep at the p99 the peer had at its best throughput (interpolated "
                           "between steps).", ""]
                 table_rows = []
-                for pr in analysis["models"][spec]["peer"]:
-                    if pr["status"] != "ok":
-                        table_rows.append([pr["dtype"], pr["precision"] or "-",
-                                           "failed: " + (pr["error"].splitlines() or [""])[0][:120],
+                for pr in analysis.models[spec].peer:
+                    if pr.status != "ok" or pr.peer is None:
+                        table_rows.append([pr.dtype, pr.precision or "-",
+                                           "failed: " + (pr.error.splitlines() or [""])[0][:120],
                                            "-", "-", "-"])
                         continue
-                    steps = ", ".join(f"{c:g}: {tp:.1f}/s p99 {_f(p99, '{:.0f}')} ms"
-                                      for c, tp, p99 in pr["peer_points"])
-                    cs = ", ".join(f"{c:g}: {tp:.1f}/s p99 {_f(p99, '{:.0f}')} ms"
-                                   for c, tp, p99 in pr["clipserve_points"])
-                    table_rows.append([pr["dtype"], pr["precision"], steps, cs,
-                                       f"{pr['budget_ms']:.0f} ms: {pr['clipserve']:.1f} vs "
-                                       f"{pr['peer']:.1f}", _x(pr["ratio"])])
+                    steps = ", ".join(f"{p.load:g}: {p.items_per_s:.1f}/s p99 "
+                                      f"{_f(p.p99_ms, '{:.0f}')} ms" for p in pr.peer_points)
+                    cs = ", ".join(f"{p.load:g}: {p.items_per_s:.1f}/s p99 "
+                                   f"{_f(p.p99_ms, '{:.0f}')} ms" for p in pr.clipserve_points)
+                    table_rows.append([pr.dtype, pr.precision, steps, cs,
+                                       f"{pr.budget_ms:.0f} ms: {pr.clipserve:.1f} vs "
+                                       f"{pr.peer:.1f}", _x(pr.ratio)])
                 lines += _table(["peer dtype", "clipserve precision", "peer (callers: img/s, p99)",
                                  "clipserve gateway (callers: img/s, p99)",
                                  "img/s at equal p99 (clipserve vs peer)", "ratio"], table_rows)
@@ -517,44 +670,43 @@ def markdown(results: dict, plots: list[Path], base: Path) -> str:
         lines.append("")
 
     lines += ["## Why targets were missed", ""]
-    missed = [t for t in analysis["targets"] if not t["met"]]
+    missed = [t for t in analysis.targets if not t.met]
     if not missed:
         lines += ["Every target was met.", ""]
     for t in missed:
-        lines.append(f"- **{results['models'][t['model']]['scale']} {t['precision']}, "
-                     f"{t['target']}**: {t['why']}.")
+        lines.append(f"- **{t.scale} {t.precision}, {t.target}** ({t.verdict()}): {t.why}.")
     lines.append("")
     lines += ["## Evidence", ""]
-    for spec, model in results["models"].items():
-        rows = analysis["models"][spec]["rows"]
-        lines += [f"### {model['scale']}: Triton's own statistics at {n} callers", ""]
+    for spec, model in results.models.items():
+        rows = analysis.models[spec].rows
+        lines += [f"### {model.scale}: Triton's own statistics at {n} callers", ""]
         ev_rows = []
         for p, r in rows.items():
-            for stack, key in (("direct", "triton_stats"), ("gateway", "gateway_stats")):
-                st = r["evidence"][key]
-                cpu = r["evidence"]["cpu_triton_run" if stack == "direct" else "cpu_gateway_run"]
-                ev_rows.append([p, stack, _f(st.get("avg_batch"), "{:.2f}"),
-                                _f(st.get("queue_ms_per_request")),
-                                _f(st.get("compute_ms_per_execution")),
-                                _f(st.get("compute_ms_per_item"), "{:.2f}"),
-                                _cpu_text(cpu) or "-"])
+            for stack, run in (("direct", r.triton_n), ("gateway", r.gateway_n)):
+                st = (run and run.triton_stats) or TritonStats()
+                ev_rows.append([p, stack, _f(st.avg_batch, "{:.2f}"),
+                                _f(st.queue_ms_per_request), _f(st.compute_ms_per_execution),
+                                _f(st.compute_ms_per_item, "{:.2f}"),
+                                (run and _cpu_text(run.cpu)) or "-"])
         lines += _table(["precision", "load", "avg batch", "queue ms/request",
                          "compute ms/batch", "compute ms/item", "CPU ms per image by process"],
                         ev_rows)
         lines.append("")
-        prof = model.get("gateway_profile")
-        if prof:
-            lines += [f"### {model['scale']}: gateway profile (py-spy, {prof.get('precision')}, "
-                      f"{prof.get('concurrency')} callers)", ""]
-            if prof.get("status") != "ok":
-                lines += [f"Not available: {prof.get('status')}", ""]
-            else:
-                areas = ", ".join(f"{k} {v:.0f}%" for k, v in prof["by_area"].items())
-                lines += [f"{prof['samples']} busy samples of the gateway's threads at 100 Hz "
-                          f"({prof.get('idle_samples', 0)} waiting ones left out); self time by "
-                          f"area: {areas}. Top functions by self time:", ""]
-                lines += [f"- {name}: {pct:.1f}%" for name, pct in prof["top_self"]]
-                lines.append("")
+        prof = model.profile
+        lines += [f"### {model.scale}: gateway profile"
+                  + (f" (py-spy, {prof.precision}, {prof.concurrency} callers)" if prof else ""),
+                  ""]
+        if prof is None:
+            lines += ["No profile was taken in this run.", ""]
+        elif not prof.ok:
+            lines += [f"Not available: {prof.status}", ""]
+        else:
+            areas = ", ".join(f"{k} {v:.0f}%" for k, v in prof.by_area)
+            lines += [f"{prof.samples} busy samples of the gateway's threads at 100 Hz "
+                      f"({prof.idle_samples} waiting ones left out); self time by "
+                      f"area: {areas}. Top functions by self time:", ""]
+            lines += [f"- {name}: {pct:.1f}%" for name, pct in prof.top_self]
+            lines.append("")
     lines += ["Raw numbers: `bench.json` next to the plots (every run's summary, Triton "
               "statistics and CPU per process).", ""]
     return "\n".join(lines)
@@ -575,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     bench_json, md = Path(argv[0]), Path(argv[1])
-    results = json.loads(bench_json.read_text())
+    results = BenchResults.from_dict(json.loads(bench_json.read_text()))
     plots = plot_all(results, bench_json.parent)
     md.write_text(markdown(results, plots, md.resolve().parent))
     print(f"wrote {md}")

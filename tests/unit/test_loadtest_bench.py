@@ -1,12 +1,17 @@
 """The benchmark's pure parts: FLOP counting, the analysis and report from a synthetic
 bench.json, the py-spy summary, the peer's tokenizer files."""
 
+import dataclasses
 import gzip
+import json
 
 import pytest
 
-from clipserve.loadtest import bench_report, roofline
-from clipserve.loadtest.bench import BenchConfig, stats_delta
+from clipserve.loadtest import bench_report, compare, roofline
+from clipserve.loadtest.bench import BenchConfig, finish_py_spy, stats_delta
+from clipserve.loadtest.bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem,
+                                              ModelResult, OrtResult, PrecisionResult, Profile,
+                                              RunSummary, StackRuns, TritonStats)
 
 onnx = pytest.importorskip("onnx")
 
@@ -84,14 +89,19 @@ def test_bench_config_rejects_unknown_peer_dtype_and_bad_steps():
     assert BenchConfig(concurrency=8, sweep=("4", "1")).steps == [1, 4, 8]
 
 
-# -- analysis and report ----------------------------------------------------------------------
+# -- typed results, analysis and report -------------------------------------------------------
 
 def summary(items_per_s, p50, p99, concurrency, cpu=None, stats=None):
-    return {"requests": 100, "ok": 100, "errors": {}, "error_rate": 0.0, "items": 100,
+    """A run as bench.json holds it (the legacy, untyped form)."""
+    data = {"requests": 100, "ok": 100, "errors": {}, "error_rate": 0.0, "items": 100,
             "duration_s": 8.0, "items_per_s": items_per_s, "concurrency": concurrency,
             "latency_ms": {"p50": p50, "p90": p99, "p99": p99, "p99.9": p99, "max": p99,
-                           "mean": p50},
-            "cpu_ms_per_item": cpu or {}, "triton_stats": stats or {}}
+                           "mean": p50}}
+    if cpu:
+        data["cpu_ms_per_item"] = cpu
+    if stats:
+        data["triton_stats"] = stats
+    return data
 
 
 def precision_entry(scale, model_bytes):
@@ -102,7 +112,8 @@ def precision_entry(scale, model_bytes):
         "triton": {"runs": {"1": summary(30 * scale, 10.0, 12.0, 1),
                             "8": summary(90 * scale, 80.0, 120.0, 8,
                                          {"triton": 10.0, "client": 1.0},
-                                         {"avg_batch": 3.0, "queue_ms_per_request": 4.0,
+                                         {"executions": 30, "items": 90, "avg_batch": 3.0,
+                                          "queue_ms_per_request": 4.0,
                                           "compute_ms_per_execution": 30.0,
                                           "compute_ms_per_item": 10.0,
                                           "input_output_ms_per_request": 0.1})}},
@@ -110,11 +121,13 @@ def precision_entry(scale, model_bytes):
                              "4": summary(70 * scale, 50.0, 60.0, 4),
                              "8": summary(72 * scale, 100.0, 140.0, 8,
                                           {"triton": 10.0, "gateway": 2.0, "client": 0.5},
-                                          {"avg_batch": 2.0})}},
+                                          {"executions": 36, "items": 72,
+                                           "avg_batch": 2.0})}},
     }
 
 
 def synthetic_results():
+    """A bench.json from before the typed results (no rounds, no gateway variants)."""
     return {
         "version": 1, "command": "python -m clipserve.loadtest.bench", "started_at": "now",
         "wall_s": 600, "config": {"concurrency": 8, "duration": 8.0, "latency_duration": 4.0,
@@ -133,35 +146,183 @@ def synthetic_results():
                     "8": summary(42.0, 190.0, 250.0, 8)}},
                 "int8": {"precision": "int8", "status": "failed", "error": "boom\nmore"}}},
             "gateway_profile": {"status": "ok", "precision": "fp32", "concurrency": 8,
-                                "samples": 100, "top_self": [["decode (images.py)", 30.0]],
+                                "samples": 100, "idle_samples": 5,
+                                "top_self": [["decode (images.py)", 30.0]],
                                 "by_area": {"image decode/resize (PIL)": 30.0}},
         }},
     }
 
 
-def test_analysis_ratios_and_targets():
+def run_of(items_per_s, p50, concurrency, cpu=None, avg_batch=None):
+    return RunSummary(concurrency=concurrency, requests=100, ok=100, items=100, duration_s=8.0,
+                      items_per_s=items_per_s, error_rate=0.0,
+                      latency_ms={"p50": p50, "p99": 2 * p50}, cpu=CpuPerItem(cpu or {}),
+                      triton_stats=TritonStats(executions=10, items=100, avg_batch=avg_batch))
+
+
+def typed_results(profile, gateway_items_per_s=50.0, gateway_p50=4.0, triton_batch=6.0):
+    """One digits-s precision built from the types as bench.py builds them: Triton direct
+    100 img/s, p50 2 ms at one caller; the gateway as given."""
+    stacks = {
+        TRITON: StackRuns(({1: run_of(400.0, 2.0, 1),
+                            8: run_of(100.0, 20.0, 8, {"triton": 1.0, "client": 0.2},
+                                      triton_batch)},)),
+        GATEWAY: StackRuns(({1: run_of(200.0, gateway_p50, 1, {"gateway": 1.5}),
+                             8: run_of(gateway_items_per_s, 30.0, 8,
+                                       {"triton": 2.0, "gateway": 2.5, "client": 0.3}, 2.0)},)),
+    }
+    precision = PrecisionResult(model_bytes=700_000, ort=OrtResult({1: 150.0, 64: 200.0}, 64,
+                                                                   200.0), stacks=stacks)
+    model = ModelResult(spec="digits-s", scale="digits-s", image_size=32, repository="r",
+                        export_current=True, image_flops=3_900_000,
+                        precisions={"fp32": precision},
+                        gateways={GATEWAY: ("--workers", "1")}, profile=profile)
+    return BenchResults(config={"concurrency": 8, "duration": 8.0, "latency_duration": 4.0,
+                                "warmup": 1.5, "ort_batches": ["1", "64"]},
+                        machine={"cpu": "Test CPU", "cores": 2, "loadavg_start": [0.1, 0, 0],
+                                 "loadavg_end": [0.1, 0, 0]},
+                        models={"digits-s": model}, attainable_gflops=50.0, matmul_n=256)
+
+
+MEASURED = Profile(status="ok", precision="fp32", concurrency=8, samples=500, idle_samples=40,
+                   top_self=(("Handle._run (events.py)", 27.5), ("decode (images.py)", 11.0)),
+                   by_area=(("asyncio event loop", 41.0), ("clipserve service", 22.5),
+                            ("other", 15.0), ("grpc", 12.5), ("image decode/resize (PIL)", 9.0)))
+
+
+def targets_by_name(analysis):
+    return {t.target.split(" (")[0]: t for t in analysis.targets}
+
+
+def test_legacy_bench_json_is_read_into_the_types():
     a = bench_report.analyze(synthetic_results())
-    row = a["models"]["ViT-B-32::none"]["rows"]["fp32"]
-    assert row["gateway_ratio"] == pytest.approx(72 / 90)
-    assert row["added_p50"] == pytest.approx(2.0)
-    assert row["batching_efficiency"] == pytest.approx(0.9)
-    assert row["ort_roofline"] == pytest.approx(100 * 8.8 / 50)
-    int8 = a["models"]["ViT-B-32::none"]["rows"]["int8"]
-    assert int8["speedup"] == {"ort": 2.0, "triton": 2.0, "gateway": 2.0}
-    assert int8["size_ratio"] == pytest.approx(90 / 350)
-    peer = a["models"]["ViT-B-32::none"]["peer"]
-    fp32_peer = next(p for p in peer if p["dtype"] == "float32")
+    row = a.models["ViT-B-32::none"].rows["fp32"]
+    assert row.gateway_ratio == pytest.approx(72 / 90)
+    assert row.added_p50 == pytest.approx(2.0)
+    assert row.batching_efficiency == pytest.approx(0.9)
+    assert row.ort_roofline == pytest.approx(100 * 8.8 / 50)
+    int8 = a.models["ViT-B-32::none"].rows["int8"]
+    assert int8.speedup == {"ort": 2.0, "triton": 2.0, "gateway": 2.0}
+    assert int8.size_ratio == pytest.approx(90 / 350)
+    peer = a.models["ViT-B-32::none"].peer
+    fp32_peer = next(p for p in peer if p.dtype == "float32")
     # Peer's best: 42/s at p99 250 ms; clipserve's sweep stays within 250 ms up to 72/s.
-    assert fp32_peer["budget_ms"] == 250.0 and fp32_peer["clipserve"] == pytest.approx(72.0)
-    assert fp32_peer["ratio"] == pytest.approx(72 / 42)
-    assert next(p for p in peer if p["dtype"] == "int8")["status"] == "failed"
-    by_kind = {(t["precision"], t["target"].split(" (")[0]): t for t in a["targets"]}
+    assert fp32_peer.budget_ms == 250.0 and fp32_peer.clipserve == pytest.approx(72.0)
+    assert fp32_peer.ratio == pytest.approx(72 / 42)
+    assert next(p for p in peer if p.dtype == "int8").status == "failed"
+    by_kind = {(t.precision, t.target.split(" (")[0]): t for t in a.targets}
     gateway = by_kind[("fp32", "gateway / Triton-direct items/s")]
-    assert not gateway["met"] and "expected ratio" in gateway["why"]  # 80% < 90%
+    # (Triton 10 + client 1) / (Triton 10 + gateway 2 + client 0.5) ms per image.
+    assert not gateway.met and "expected ratio is about 88% (11.00 / 12.50 ms)" in gateway.why
     added = by_kind[("fp32", "gateway added p50, one caller")]
-    assert not added["met"] and added["unit"] == "ms"
-    assert by_kind[("fp32", "batching efficiency")]["met"]
-    assert by_kind[("fp32", "clipserve / peer items/s at the peer's p99")]["met"]
+    assert not added.met and added.unit == "ms"
+    assert by_kind[("fp32", "batching efficiency")].met
+    assert by_kind[("fp32", "clipserve / peer items/s at the peer's p99")].met
+
+
+def test_targets_are_met_or_missed_on_the_right_side_of_the_threshold():
+    a = bench_report.analyze(typed_results(MEASURED, gateway_items_per_s=95.0,
+                                           gateway_p50=2.0 + bench_report.ADDED_P50_MAX_MS))
+    t = targets_by_name(a)
+    assert t["gateway / Triton-direct items/s"].value == pytest.approx(0.95)
+    assert t["gateway / Triton-direct items/s"].met  # 95% >= 90%
+    assert t["gateway added p50, one caller"].met  # exactly at the limit
+    assert t["batching efficiency"].value == pytest.approx(0.5)
+    assert not t["batching efficiency"].met
+    assert t["batching efficiency"].verdict() == "missed by 30.0 points"
+    assert all(target.why == "" for target in a.targets if target.met)
+
+    a = bench_report.analyze(typed_results(MEASURED, gateway_items_per_s=40.0, gateway_p50=5.0))
+    t = targets_by_name(a)
+    assert not t["gateway / Triton-direct items/s"].met
+    assert t["gateway / Triton-direct items/s"].shortfall == pytest.approx(0.5)
+    assert t["gateway added p50, one caller"].verdict() == (
+        f"missed by {3.0 - bench_report.ADDED_P50_MAX_MS:.2f} ms")
+
+
+def test_why_names_the_profiles_top_areas_in_order_with_their_shares():
+    a = bench_report.analyze(typed_results(MEASURED))
+    t = targets_by_name(a)
+    for name in ("gateway / Triton-direct items/s", "gateway added p50, one caller"):
+        why = t[name].why
+        assert ("(fp32, 8 callers, 500 busy samples) puts its self time in asyncio event loop "
+                "41.0%, clipserve service 22.5%, grpc 12.5%, the rest 24.0%") in why
+        assert "top function Handle._run (events.py) 27.5%" in why
+        # The fourth area is not named, and nothing the profile did not measure is claimed.
+        assert "decode" not in why.split("top function")[0]
+        assert "protobuf" not in why and "tritonclient" not in why
+    assert "the gateway spends 1.50 ms of CPU per call" in t["gateway added p50, one caller"].why
+    assert "Triton formed batches of 6.0 direct vs 2.0" in t["gateway / Triton-direct items/s"].why
+
+
+def test_why_mentions_decode_only_when_the_profile_measured_it():
+    decode_heavy = dataclasses.replace(MEASURED, by_area=(
+        ("image decode/resize (PIL)", 55.0), ("tritonclient + protobuf", 25.0),
+        ("grpc", 20.0)), top_self=())
+    why = targets_by_name(bench_report.analyze(typed_results(decode_heavy)))[
+        "gateway added p50, one caller"].why
+    assert why.endswith("image decode/resize (PIL) 55.0%, tritonclient + protobuf 25.0%, "
+                        "grpc 20.0%")
+    assert "asyncio" not in why and "the rest" not in why
+
+
+@pytest.mark.parametrize("profile, wording", [
+    (None, "no py-spy profile of the gateway was taken in this run"),
+    (Profile(status="py-spy not installed", precision="fp32", concurrency=8),
+     "profile is not available (py-spy not installed)")])
+def test_why_without_a_profile_says_so_instead_of_guessing(profile, wording, tmp_path):
+    results = typed_results(profile)
+    a = bench_report.analyze(results)
+    missed = [t for t in a.targets if not t.met]
+    assert {t.target.split(" (")[0] for t in missed} >= {"gateway / Triton-direct items/s",
+                                                         "gateway added p50, one caller"}
+    for t in missed:
+        if t.target.startswith("gateway"):
+            assert wording in t.why and "not measured" in t.why
+        for word in ("decode", "PIL", "protobuf", "asyncio", "grpc", "gRPC"):
+            assert word not in t.why
+    md = bench_report.markdown(results, [], tmp_path)
+    assert ("No profile was taken in this run." if profile is None
+            else "Not available: py-spy not installed") in md
+
+
+def test_bench_json_round_trip_keeps_the_types_and_the_readers_keys():
+    results = typed_results(MEASURED)
+    data = json.loads(json.dumps(results.to_dict()))
+    assert BenchResults.from_dict(data) == results
+    entry = data["models"]["digits-s"]["precisions"]["fp32"]
+    assert set(entry) == {"model_bytes", "ort", TRITON, GATEWAY}
+    assert entry["ort"]["by_batch"] == {"1": 150.0, "64": 200.0}
+    run = entry[GATEWAY]["runs"]["8"]
+    assert run["cpu_ms_per_item"]["gateway"] == 2.5 and run["triton_stats"]["avg_batch"] == 2.0
+    assert entry[GATEWAY]["rounds"] == [entry[GATEWAY]["runs"]]
+    assert data["models"]["digits-s"]["gateway_profile"]["by_area"]["grpc"] == 12.5
+    # loadtest.compare reads the same file.
+    (row,) = [r for r in compare.rows([data]) if r["stack"] == GATEWAY and r["concurrency"] == 8]
+    assert row["of_triton"] == [0.5] and row["flags"] == "--workers 1"
+    # A legacy file reads, and writes back the runs it had.
+    legacy = synthetic_results()["models"]["ViT-B-32::none"]
+    again = BenchResults.from_dict(synthetic_results()).to_dict()["models"]["ViT-B-32::none"]
+    assert again["precisions"]["fp32"]["triton"]["runs"] == legacy["precisions"]["fp32"][
+        "triton"]["runs"]
+    assert again["peer"]["dtypes"]["float32"] == legacy["peer"]["dtypes"]["float32"]
+    assert again["gateway_profile"] == legacy["gateway_profile"]
+
+
+def test_report_main_regenerates_from_a_saved_bench_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(typed_results(MEASURED).to_dict()))
+    assert bench_report.main([str(path), str(tmp_path / "B.md")]) == 0
+    md = (tmp_path / "B.md").read_text()
+    assert "asyncio event loop 41.0%, clipserve service 22.5%, grpc 12.5%" in md
+
+
+def test_finish_py_spy_without_py_spy_is_a_profile_that_says_why(tmp_path):
+    profile = finish_py_spy(None, tmp_path / "none.txt", "fp32", 8)
+    assert not profile.ok and profile.status == "py-spy not installed"
+    assert profile.to_dict() == {"precision": "fp32", "concurrency": 8,
+                                 "status": "py-spy not installed"}
 
 
 def test_markdown_has_tables_targets_and_misses(tmp_path):
@@ -174,6 +335,7 @@ def test_markdown_has_tables_targets_and_misses(tmp_path):
     assert "| fp32 | 350.0 | 100.0 (16) | 90.0 | 72.0 | 80% |" in md
     assert "missed by 10.0 points" in md
     assert "## Why targets were missed" in md and "failed: boom" in md
+    assert "image decode/resize (PIL) 30.0%" in md.split("## Why targets were missed")[1]
     assert "![ViT-B-32-throughput](ViT-B-32-throughput.png)" in md
 
 
@@ -207,8 +369,6 @@ def test_peer_tokenizer_files_have_clips_vocabulary(tmp_path):
     bpe = tmp_path / "bpe.txt.gz"
     bpe.write_bytes(gzip.compress("\n".join(lines).encode()))
     vocab_path, merges_path = write_tokenizer_files(bpe, tmp_path)
-    import json
-
     vocab = json.loads(vocab_path.read_text())
     assert len(vocab) == 49408  # CLIP's vocabulary size
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
@@ -219,7 +379,6 @@ def test_peer_tokenizer_files_have_clips_vocabulary(tmp_path):
 
 def test_cached_export_is_reused_and_flagged_when_the_sources_changed(tmp_path):
     import hashlib
-    import json
 
     from clipserve.loadtest.bench import ensure_repository, sources_digest
 

@@ -15,8 +15,9 @@ measures, in order:
    swept over concurrency like the gateway so the two compare at equal p99,
 
 plus the roofline (image-tower FLOPs against a large matmul's GFLOP/s), Triton's own batch
-statistics, CPU time per image of each process, and a py-spy profile of the gateway. Results go
-to ``<out>/bench.json`` and PNGs, and the report to BENCHMARKS.md (see :mod:`.bench_report`).
+statistics, CPU time per image of each process, and a py-spy profile of the gateway. The
+results are typed (:class:`.bench_results.BenchResults`) and go to ``<out>/bench.json`` and
+PNGs, and the report to BENCHMARKS.md (see :mod:`.bench_report`).
 Exported repositories, the peer virtualenv and its model directory are cached under
 ``--bench-cache-dir``; the first run builds them (the ViT-B-32 export takes about half an hour
 on 2 cores).

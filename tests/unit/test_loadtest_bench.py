@@ -318,6 +318,28 @@ def test_report_main_regenerates_from_a_saved_bench_json(tmp_path):
     assert "asyncio event loop 41.0%, clipserve service 22.5%, grpc 12.5%" in md
 
 
+def test_run_summary_turns_cpu_seconds_into_ms_per_item_and_keeps_the_dict_form():
+    from clipserve.loadtest.bench import run_summary, summarize_run
+    from clipserve.loadtest.runner import RunResult
+    from clipserve.loadtest.stats import Sample
+
+    # 40 images in the 2 s window (one call before it, one failed), 0.1 s of gateway CPU.
+    samples = [Sample(0.5, 0.5, 0.6, 1, "e", "OK")]
+    samples += [Sample(1.0 + i / 20, 1.0 + i / 20, 1.01 + i / 20, 1, "e", "OK") for i in range(40)]
+    samples.append(Sample(2.5, 2.5, 2.6, 1, "", "UNAVAILABLE"))
+    run = RunResult("closed", 2, samples, warmup_s=1.0, duration_s=3.0, wall_s=3.0)
+    stats = TritonStats(executions=20, items=40, avg_batch=2.0)
+    summary = run_summary(run, 2, {"gateway": 0.1, "client": 0.02}, stats)
+    assert summary.items == 40 and summary.items_per_s == pytest.approx(20.0)
+    assert summary.cpu.ms == {"gateway": 2.5, "client": 0.5}
+    assert summary.error_count == 1 and summary.triton_stats == stats
+    assert summary.p50 == pytest.approx(10.0, abs=0.01)
+    as_dict = summarize_run(run, 2, {"gateway": 0.1, "client": 0.02})
+    assert as_dict["cpu_ms_per_item"] == {"gateway": 2.5, "client": 0.5}
+    assert as_dict["errors"] == {"UNAVAILABLE": 1} and "triton_stats" not in as_dict
+    assert RunSummary.from_dict(as_dict) == dataclasses.replace(summary, triton_stats=None)
+
+
 def test_finish_py_spy_without_py_spy_is_a_profile_that_says_why(tmp_path):
     profile = finish_py_spy(None, tmp_path / "none.txt", "fp32", 8)
     assert not profile.ok and profile.status == "py-spy not installed"

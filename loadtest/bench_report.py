@@ -277,7 +277,8 @@ def analyze(results: BenchResults | dict) -> Analysis:
                       image_flops=model.image_flops,
                       attainable_gflops=results.attainable_gflops)
             rows[precision] = row
-            out.targets.extend(_targets(model, row))
+            out.targets.extend(_targets(model, row, profile_text(
+                model.profile, profiling=results.config.get("profile", True))))
         peer_rows = _peer_rows(model, n)
         for pr in peer_rows:
             if pr.ratio is not None:
@@ -289,10 +290,10 @@ def analyze(results: BenchResults | dict) -> Analysis:
     return out
 
 
-def _targets(model: ModelResult, row: Row) -> list[Target]:
+def _targets(model: ModelResult, row: Row, where_time_goes: str) -> list[Target]:
     def target(what, value, threshold, op, why) -> Target:
         t = Target(model.spec, model.scale, row.precision, what, value, threshold, op)
-        return t if t.met else dataclasses.replace(t, why=why(row, model.profile))
+        return t if t.met else dataclasses.replace(t, why=why(row, where_time_goes))
     out = []
     if row.gateway_ratio is not None:
         out.append(target("gateway / Triton-direct items/s", row.gateway_ratio,
@@ -315,13 +316,15 @@ def _cpu_text(cpu: CpuPerItem) -> str:
     return ", ".join(f"{_CPU_NAMES.get(k, k)} {v:.2f}" for k, v in cpu.ms.items() if v > 0.005)
 
 
-def profile_text(profile: Profile | None, top: int = 3) -> str:
+def profile_text(profile: Profile | None, top: int = 3, profiling: bool = True) -> str:
     """Where the gateway's time went, from its py-spy profile: the ``top`` largest self-time
     areas with their shares, largest first, and the rest together; the top function. Says
-    that nothing was measured when there is no profile, rather than guessing."""
+    that nothing was measured when there is no profile (``profiling``: whether the run asked
+    for one), rather than guessing."""
     if profile is None:
-        return ("no py-spy profile of the gateway was taken in this run, so where its time "
-                "goes was not measured (run with --profile and py-spy installed)")
+        return ("no py-spy profile of the gateway was taken in this run"
+                + (" (--no-profile)" if not profiling else "")
+                + ", so where its time goes was not measured")
     if not profile.ok:
         return (f"the gateway's py-spy profile is not available ({profile.status}), so where "
                 "its time goes was not measured")
@@ -340,7 +343,7 @@ def profile_text(profile: Profile | None, top: int = 3) -> str:
     return text
 
 
-def _why_gateway_throughput(row: Row, profile: Profile | None) -> str:
+def _why_gateway_throughput(row: Row, where_time_goes: str) -> str:
     tri, gw = row.triton_n, row.gateway_n
     parts = []
     if tri.cpu and gw.cpu:
@@ -356,21 +359,22 @@ def _why_gateway_throughput(row: Row, profile: Profile | None) -> str:
     if tri_batch and gw_batch:
         parts.append(f"Triton formed batches of {tri_batch:.1f} direct vs {gw_batch:.1f} behind "
                      "the gateway")
-    parts.append(profile_text(profile))
+    parts.append(where_time_goes)
     return "; ".join(parts)
 
 
-def _why_added_latency(row: Row, profile: Profile | None) -> str:
+def _why_added_latency(row: Row, where_time_goes: str) -> str:
     text = (f"one caller: Triton-direct p50 {row.triton_1.p50:.2f} ms, gateway p50 "
             f"{row.gateway_1.p50:.2f} ms")
     gateway_cpu = row.gateway_1.cpu.of(GATEWAY)
     if gateway_cpu:
         text += (f"; the gateway spends {gateway_cpu:.2f} ms of CPU per call, serial work on "
                  "the request's path")
-    return text + "; " + profile_text(profile)
+    return f"{text}; {where_time_goes}"
 
 
-def _why_batching(row: Row, profile: Profile | None) -> str:
+def _why_batching(row: Row, where_time_goes: str) -> str:
+    # where_time_goes is the gateway's profile: it says nothing about Triton's own batching.
     tri = row.triton_n
     st = tri.triton_stats or TritonStats()
     parts = []

@@ -272,6 +272,10 @@ def test_why_mentions_decode_only_when_the_profile_measured_it():
      "profile is not available (py-spy not installed)")])
 def test_why_without_a_profile_says_so_instead_of_guessing(profile, wording, tmp_path):
     results = typed_results(profile)
+    off = bench_report.analyze(dataclasses.replace(
+        results, config={**results.config, "profile": False}))
+    assert all(("taken in this run (--no-profile)" in t.why) == (profile is None)
+               for t in off.targets if t.target.startswith("gateway") and not t.met)
     a = bench_report.analyze(results)
     missed = [t for t in a.targets if not t.met]
     assert {t.target.split(" (")[0] for t in missed} >= {"gateway / Triton-direct items/s",

@@ -653,9 +653,10 @@ def markdown(results: BenchResults | dict, plots: list[Path], base: Path) -> str
                 table_rows = []
                 for pr in analysis.models[spec].peer:
                     if pr.status != "ok" or pr.peer is None:
-                        table_rows.append([pr.dtype, pr.precision or "-",
-                                           "failed: " + (pr.error.splitlines() or [""])[0][:120],
-                                           "-", "-", "-"])
+                        what = ("failed: " + (pr.error.splitlines() or [""])[0][:120]
+                                if pr.status != "ok" else
+                                f"not compared: no gateway runs at {pr.precision}")
+                        table_rows.append([pr.dtype, pr.precision or "-", what, "-", "-", "-"])
                         continue
                     steps = ", ".join(f"{p.load:g}: {p.items_per_s:.1f}/s p99 "
                                       f"{_f(p.p99_ms, '{:.0f}')} ms" for p in pr.peer_points)

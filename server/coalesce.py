@@ -105,7 +105,8 @@ class Coalescer:
 
     async def _send(self, spec: EndpointSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         self._on_send(spec, len(batch))
-        return await self._backend.embed(spec.name, spec.input_name, batch, timeout_s)
+        return await self._backend.embed(spec.triton_model, spec.triton_input, batch,
+                                         timeout_s)
 
     def _drain(self, lane: _Lane) -> None:
         """Start requests for the lane's waiting rows while it has room in flight, and for

@@ -69,7 +69,8 @@ class Embedder:
         """
         spec = self._catalog.get(scale, precision, tower)
         state = self._state()
-        if not state.is_ready(spec.name):
+        # With GPU decode the calls go to the ensemble: it must be ready too.
+        if not state.is_ready(spec.name) or not state.is_ready(spec.triton_model):
             if not state.ready_models:
                 raise ServingError.unavailable("Triton is not ready; retry later")
             raise ServingError.unavailable(f"endpoint {spec.name} is not ready; retry later")

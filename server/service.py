@@ -293,10 +293,15 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
 
     async def _decode(self, call: _Call, spec: EndpointSpec,
                       images: Sequence[bytes]) -> np.ndarray:
-        """Preprocess a call's images, recording the preprocess and queue phases."""
+        """Preprocess a call's images, recording the preprocess and queue phases: pixels for
+        the tower, or for an endpoint that decodes on the GPU the checked encoded files
+        (uint8 [n, longest]) for its ensemble."""
         waits: list[float] = []
         started = time.perf_counter()
-        pixels = await self._decoder.decode(images, spec.sidecar.image_size, waits)
+        if spec.gpu_decode:
+            pixels = self._decoder.encoded(images, spec.sidecar.image_size)
+        else:
+            pixels = await self._decoder.decode(images, spec.sidecar.image_size, waits)
         self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.PREPROCESS,
                                     time.perf_counter() - started)
         self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
@@ -518,7 +523,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             car = spec.sidecar
             int8 = (car.output_formats or {}).get("int8")
             infos.append(pb.EndpointInfo(
-                endpoint=self._endpoint_pb(spec), ready=state.is_ready(spec.name),
+                endpoint=self._endpoint_pb(spec),
+                ready=state.is_ready(spec.name) and state.is_ready(spec.triton_model),
                 image_size=car.image_size or 0, context_length=car.context_length or 0,
                 max_batch_size=spec.max_batch_size, source=car.source,
                 description=PRECISION_DESCRIPTIONS[spec.precision],
@@ -605,13 +611,16 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         if tower is Tower.IMAGE:
             waits: list[float] = []
             started = time.perf_counter()
-            pixels = await self._decoder.decode_one(request.image, spec.sidecar.image_size, what,
-                                                    waits)
+            if spec.gpu_decode:
+                batch = self._decoder.encoded([request.image], spec.sidecar.image_size, [what])
+            else:
+                batch = (await self._decoder.decode_one(request.image, spec.sidecar.image_size,
+                                                        what, waits))[None]
             self._metrics.observe_phase(call.method, spec.scale, spec.precision,
                                         Phase.PREPROCESS, time.perf_counter() - started)
             self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
                                         max(waits, default=0.0))
-            vectors = await self._embed(call, spec, pixels[None])
+            vectors = await self._embed(call, spec, batch)
             # Stream items are scored for the OOD rate but neither stored nor mirrored.
             self.live.score_images(spec, vectors, None, None)
             truncated = False

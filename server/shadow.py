@@ -29,7 +29,7 @@ class ShadowJob:
     """One mirrored image call: the pixels the served endpoint got, and what it answered."""
 
     spec: EndpointSpec  # the serving image endpoint
-    pixels: np.ndarray  # uint8 [n, S, S, 3]
+    pixels: np.ndarray  # uint8 [n, S, S, 3], or the encoded files [n, bytes] with GPU decode
     embeddings: np.ndarray  # float32 [n, D]
     key: LabelSetKey  # labels it was scored against, at the serving precision
 
@@ -87,6 +87,9 @@ class Shadow:
             return False
         if not self._catalog.has(spec.scale, self.reference, Tower.IMAGE):
             return False
+        if self._catalog.get(spec.scale, self.reference, Tower.IMAGE).gpu_decode != \
+                spec.gpu_decode:
+            return False  # pixels and encoded bytes do not fit each other's Triton model
         job = ShadowJob(spec, pixels, embeddings, key)
         if self._queued_bytes + job.nbytes > self._max_bytes:
             self._metrics.observe_shadow_drop(spec.scale, spec.precision, ShadowDrop.QUEUE_FULL)

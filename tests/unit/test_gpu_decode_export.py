@@ -3,7 +3,7 @@
 Configs are parsed with Triton's own ModelConfig proto (a typo or unknown field raises), the
 ensemble's steps are checked against the configs of the models they name, and the DALI pipeline
 compiles; it is built and run on the CPU only where nvidia.dali is importable (not in this venv:
-the GPU check in scripts/gpu_decode_check.sh runs it inside NVIDIA's tritonserver image).
+scripts/gpu_decode_check.py checks a running Triton from NVIDIA's image).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from clipserve.formats import OutputFormat, encode
 
 from .backend import Backend
 from .config import ServerConfig
-from .embedder import Embedder, Tokenizer
+from .embedder import Batch, Embedder, Tokenizer
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
@@ -287,15 +287,15 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             raise ServingError.invalid_argument(
                 f"{what} is {len(text)} characters; at most {limit}")
 
-    async def _embed(self, call: _Call, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
+    async def _embed(self, call: _Call, spec: EndpointSpec, batch: Batch) -> np.ndarray:
         """A client's batch through the endpoint, within the call's deadline, recorded."""
         return await self.embedder.embed(call.method, spec, batch, call.remaining())
 
     async def _decode(self, call: _Call, spec: EndpointSpec,
-                      images: Sequence[bytes]) -> np.ndarray:
+                      images: Sequence[bytes]) -> Batch:
         """Preprocess a call's images, recording the preprocess and queue phases: pixels for
         the tower, or for an endpoint that decodes on the GPU the checked encoded files
-        (uint8 [n, longest]) for its ensemble."""
+        (padded uint8 groups, ImageDecoder.encoded) for its ensemble."""
         waits: list[float] = []
         started = time.perf_counter()
         if spec.gpu_decode:

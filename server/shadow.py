@@ -29,13 +29,15 @@ class ShadowJob:
     """One mirrored image call: the pixels the served endpoint got, and what it answered."""
 
     spec: EndpointSpec  # the serving image endpoint
-    pixels: np.ndarray  # uint8 [n, S, S, 3], or the encoded files [n, bytes] with GPU decode
+    # uint8 [n, S, S, 3], or with GPU decode the padded encoded files (images.pack_encoded_groups)
+    pixels: np.ndarray | list
     embeddings: np.ndarray  # float32 [n, D]
     key: LabelSetKey  # labels it was scored against, at the serving precision
 
     @property
     def nbytes(self) -> int:
-        return self.pixels.nbytes + self.embeddings.nbytes + ENTRY_OVERHEAD
+        batch = self.pixels if isinstance(self.pixels, list) else [self.pixels]
+        return sum(b.nbytes for b in batch) + self.embeddings.nbytes + ENTRY_OVERHEAD
 
 
 class Shadow:

@@ -20,7 +20,7 @@ from clipserve.server.repository import read_endpoint
 from clipserve.server.v1 import clipserve_pb2 as pb
 
 from .test_server_service import (SIZE, FakeBackend, FakeContext, Harness, bomb, fails, gif,
-                                  png, write_repository)
+                                  png, text_vector, write_repository)
 from .test_server_service import name as endpoint
 
 GPU = endpoint(Precision.INT8, Tower.IMAGE)
@@ -37,7 +37,10 @@ class RecordingBackend(FakeBackend):
 
     async def embed(self, model, input_name, batch, timeout_s):
         self.batches.append(batch.copy())
-        return await super().embed(model, input_name, batch, timeout_s)
+        vectors = await super().embed(model, input_name, batch, timeout_s)
+        if input_name == ENCODED_INPUT:  # a vector of the file, whatever its padding
+            vectors = np.stack([text_vector(np.trim_zeros(row, "b")) for row in batch])
+        return vectors
 
 
 def with_gpu_decode(root, name=GPU):
@@ -94,6 +97,27 @@ async def test_embed_images_forwards_the_encoded_files_to_the_ensemble(h, monkey
     (model, input_name, shape, _), = h.backend.calls
     assert (model, input_name) == (ENSEMBLE, ENCODED_INPUT)
     assert_padded(h.backend.batches[0], files)
+
+
+async def test_a_large_file_does_not_pad_the_small_ones_to_its_size(h):
+    small = [jpeg(size=(20, 20)) for _ in range(3)]
+    large = jpeg((0, 90, 0), (900, 900)) + b"\x00" * 200_000  # trailing bytes: a 200 KB file
+    files = [small[0], large, *small[1:]]
+    response = await h.service.EmbedImages(pb.EmbedImagesRequest(images=files),
+                                           FakeContext(INT8))
+    # Groups of consecutive files, each padded to at most twice its bytes + 64 KiB: the first
+    # small file rides with the large one (one copy of waste), the other two go apart.
+    narrow, wide = sorted(h.backend.batches, key=lambda b: b.shape[1])
+    assert_padded(wide, files[:2])
+    assert_padded(narrow, small[1:])
+    assert narrow.nbytes + wide.nbytes <= 2 * sum(map(len, files)) + 2 * 64 * 1024
+    assert narrow.nbytes + wide.nbytes < len(files) * len(large) * 0.6  # vs padding all four
+    # Each image's embedding is the one it gets alone: order kept across the groups.
+    for data, got in zip(files, response.embeddings):
+        h.backend.batches.clear()
+        alone = await h.service.EmbedImages(pb.EmbedImagesRequest(images=[data]),
+                                            FakeContext(INT8))
+        assert list(alone.embeddings[0].values) == list(got.values)
 
 
 async def test_cpu_endpoints_beside_it_still_get_pixels(h):

@@ -167,3 +167,34 @@ async def test_the_servicer_embeds_through_the_ensemble(served):
     finally:
         decoder.close()
         await backend.close()
+
+
+def test_the_real_gateway_warms_the_ensemble_and_serves_http_through_it(served):
+    import base64
+
+    import httpx
+
+    from tests.integration.test_gateway import CALL_TIMEOUT_S, GatewayThread, config_for, wait_for
+
+    root, process = served
+    gateway = GatewayThread(config_for(root, process.grpc_url, http_port=0))
+    try:
+        # SERVING only once the ensemble answered its warm-up (a real JPEG through it).
+        wait_for(lambda: gateway.health_status() == 1, 30, "SERVING")
+        base = f"http://127.0.0.1:{gateway.gateway.http_port}/v1/embeddings"
+        images = files()
+        uris = ["data:image/png;base64," + base64.b64encode(d).decode() for d in images]
+        r = httpx.post(base, json={"input": uris}, timeout=CALL_TIMEOUT_S)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-clip-endpoint"] == ENDPOINT
+        got = np.array([row["embedding"] for row in r.json()["data"]], np.float32)
+        want = np.stack([preprocess(d, S, **EXACT).reshape(-1).astype(np.float32)
+                         for d in images])
+        np.testing.assert_array_equal(got, want)
+        gif = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(gif, "GIF")
+        bad = "data:image/gif;base64," + base64.b64encode(gif.getvalue()).decode()
+        r = httpx.post(base, json={"input": [uris[0], bad]}, timeout=CALL_TIMEOUT_S)
+        assert r.status_code == 400 and "input[1] (image) is GIF" in r.text, r.text
+    finally:
+        gateway.close()

@@ -203,7 +203,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         async with self._observed(Method.EMBED_STREAM, context, call):
             state = self._state()
             scale, precision = self._route(call, context, lambda target: any(
-                state.is_ready(endpoint_name(*target, tower)) for tower in Tower))
+                self._routable(state, endpoint_name(*target, tower)) for tower in Tower))
             names = [endpoint_name(scale, precision, tower) for tower in Tower
                      if self._catalog.has(scale, precision, tower)]
             if not names:
@@ -266,7 +266,15 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
     def _route_towers(self, call: _Call, context, towers: tuple[Tower, ...]) -> Target:
         state = self._state()
         return self._route(call, context, lambda target: all(
-            state.is_ready(endpoint_name(*target, tower)) for tower in towers))
+            self._routable(state, endpoint_name(*target, tower)) for tower in towers))
+
+    def _routable(self, state: BackendState, name: str) -> bool:
+        """Whether endpoint ``name`` is ready, its GPU-decode ensemble too where it has one
+        (so the router picks another arm instead of failing the call UNAVAILABLE)."""
+        if not state.is_ready(name):
+            return False
+        spec = self._catalog.by_name(name)
+        return spec is None or state.is_ready(spec.triton_model)
 
     def _endpoint(self, scale: str, precision: Precision, tower: Tower) -> EndpointSpec:
         """The endpoint, if present (else NOT_FOUND) and ready (else UNAVAILABLE)."""

@@ -17,6 +17,7 @@ from clipserve.endpoints import (ENCODED_INPUT, Precision, Sidecar, Tower, endpo
 from clipserve.server.health import catalog_warmups
 from clipserve.server.images import ImageDecoder
 from clipserve.server.repository import read_endpoint
+from clipserve.server.routing import RoutingPolicy
 from clipserve.server.v1 import clipserve_pb2 as pb
 
 from .test_server_service import (SIZE, FakeBackend, FakeContext, Harness, bomb, fails, gif,
@@ -210,3 +211,26 @@ def test_gpu_decode_on_a_text_endpoint_is_refused(tmp_path):
     with_gpu_decode(root, text)
     with pytest.raises(ValueError, match="gpu_decode must be an image endpoint"):
         read_endpoint(root / text)
+
+
+async def test_the_router_skips_an_arm_whose_ensemble_is_not_ready(h):
+    h.policy = RoutingPolicy.from_json('{"weights": {"fp32": 50, "int8": 50}}', "tiny")
+    h.set_ready([s.name for s in h.catalog])  # int8's tower READY, its ensemble not
+    for i in range(20):  # half of these users' arm is int8
+        ctx = FakeContext([("x-clip-routing-key", f"user-{i}")])
+        await h.service.EmbedImages(pb.EmbedImagesRequest(images=[jpeg()]), ctx)
+    images = {model for model, *_ in h.backend.calls if "image" in model}
+    assert images == {endpoint(Precision.FP32, Tower.IMAGE)}
+
+
+def test_the_shadow_mirrors_only_between_endpoints_of_the_same_input_kind(h):
+    shadow = h.service.live.shadow
+    shadow.fraction = 1.0
+    key = None
+    gpu, cpu = (h.catalog.by_name(endpoint(p, Tower.IMAGE)) for p in (Precision.INT8,
+                                                                        Precision.FP32))
+    assert shadow.reference is Precision.FP32
+    encoded = [np.zeros((1, 10), np.uint8)]
+    assert not shadow.submit(gpu, encoded, np.zeros((1, 8), np.float32), key)
+    assert shadow.submit(cpu, np.zeros((1, SIZE, SIZE, 3), np.uint8),
+                         np.zeros((1, 8), np.float32), key)

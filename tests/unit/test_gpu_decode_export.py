@@ -148,3 +148,47 @@ def test_pipeline_matches_the_cpu_path_where_dali_is_installed(repo):
     assert pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
     exact = preprocess(buf.getvalue(), SIZE, max_bytes=1 << 20, max_pixels=1 << 20)
     assert np.abs(pixels.astype(int) - exact.astype(int)).mean() < 3.0
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_export_writes_them_beside_every_image_endpoint_only_with_the_flag(
+        tmp_path, monkeypatch, flag):
+    from types import SimpleNamespace
+
+    from clipserve.export import pipeline, quality
+
+    monkeypatch.setattr(quality, "image_sidecar_fields", lambda *args, **kwargs: {})
+    onnx, tokenizer = tmp_path / "m.onnx", tmp_path / "tokenizer.json"
+    onnx.write_bytes(b"x")
+    tokenizer.write_text("{}")
+    root = tmp_path / "repo"
+    precisions = (Precision.FP32, Precision.INT8)
+    rows = [{"precision": p.value, "tower": t.value, "quantization": {}, "output_format_params": {}}
+            for p in precisions for t in Tower]
+    context = {"spec": SimpleNamespace(scale="digits-s", source="digits-s::builtin"),
+               "shapes": SimpleNamespace(embed_dim=DIM, image_size=SIZE, context_length=8),
+               "suite": None, "native_temperature": None,
+               "variants": {(p, t): (onnx,) for p in precisions for t in Tower},
+               "served": {(p, t): ("onnxruntime", {}) for p in precisions for t in Tower}}
+    if not flag:  # an earlier export with the flag: re-exporting without it leaves nothing stale
+        pipeline.write_model(context, SimpleNamespace(rows=rows, fitted={}), precisions,
+                             ExportConfig(backend="onnxruntime", gpu_decode=True,
+                                          repository=str(root)),
+                             tokenizer, "mcm", lambda *a: None)
+        assert (root / gpu_decode_model_names(endpoint_name("digits-s", Precision.FP32,
+                                                            Tower.IMAGE))[1]).is_dir()
+    config = ExportConfig(backend="onnxruntime", gpu_decode=flag, repository=str(root))
+    pipeline.write_model(context, SimpleNamespace(rows=rows, fitted={}), precisions, config,
+                         tokenizer, "mcm", lambda *a: None)
+    for p in precisions:
+        image = endpoint_name("digits-s", p, Tower.IMAGE)
+        car = Sidecar.read(root / image)
+        extra = [(root / n).is_dir() for n in gpu_decode_model_names(image)]
+        assert car.gpu_decode == (gpu_decode.sidecar_field(image) if flag else {})
+        assert extra == [flag, flag]
+        assert not Sidecar.read(root / endpoint_name("digits-s", p, Tower.TEXT)).gpu_decode
+    assert sorted(d.name for d in root.iterdir()) == sorted(
+        [endpoint_name("digits-s", p, t) for p in precisions for t in Tower]
+        + ([n for p in precisions
+            for n in gpu_decode_model_names(endpoint_name("digits-s", p, Tower.IMAGE))]
+           if flag else []))

@@ -70,7 +70,7 @@ IMAGE_INPUT = "pixels"  # uint8 [batch, height, width, 3] (NHWC, RGB), resized, 
 TEXT_INPUT = "input_ids"  # int32 [batch, context_length], open_clip token ids, 0-padded
 EMBEDDING_OUTPUT = "embedding"  # float32 [batch, embed_dim], L2-normalised
 # GPU decode (``clipserve export --gpu-decode``): the encoded files, zero-padded to the longest
-# of the request, uint8 [batch, bytes]; the DALI model decodes and preprocesses them to
+# of each request, uint8 [batch, bytes]; the DALI model decodes and preprocesses them to
 # IMAGE_INPUT on the GPU (trailing zeros are ignored by the decoders).
 ENCODED_INPUT = "encoded"
 

@@ -16,8 +16,9 @@ tests/unit/test_image_fidelity.py). Other formats, and JPEGs under 2 S, take the
 
 GPU decode (an image endpoint exported with ``--gpu-decode``, its sidecar's ``gpu_decode``):
 the gateway decodes nothing. :meth:`ImageDecoder.encoded` runs the same header checks (size,
-format, pixel limits) and hands Triton the files themselves, zero-padded into one uint8 batch,
-for the DALI model ahead of the tower (``clipserve.export.gpu_decode``).
+format, pixel limits) and hands Triton the files themselves, zero-padded into uint8 batches
+(consecutive files of similar size together, so one large file does not pad the rest to its
+size), for the DALI model ahead of the tower (``clipserve.export.gpu_decode``).
 
 Decoding is CPU work that would stall every other call on the event loop, so
 :class:`ImageDecoder` runs a call's images as one job in a bounded thread pool (Pillow releases

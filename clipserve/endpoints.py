@@ -69,6 +69,10 @@ class Tower(str, enum.Enum):
 IMAGE_INPUT = "pixels"  # uint8 [batch, height, width, 3] (NHWC, RGB), resized, not normalised
 TEXT_INPUT = "input_ids"  # int32 [batch, context_length], open_clip token ids, 0-padded
 EMBEDDING_OUTPUT = "embedding"  # float32 [batch, embed_dim], L2-normalised
+# GPU decode (``clipserve export --gpu-decode``): the encoded files, zero-padded to the longest
+# of each request, uint8 [batch, bytes]; the DALI model decodes and preprocesses them to
+# IMAGE_INPUT on the GPU (trailing zeros are ignored by the decoders).
+ENCODED_INPUT = "encoded"
 
 SIDECAR_FILENAME = "clipserve.json"
 SIDECAR_VERSION = 2  # 2 added evaluation, ood_score, ood_state, output_formats, revision
@@ -89,6 +93,14 @@ def endpoint_name(scale: str, precision: Precision | str, tower: Tower | str) ->
             "(it becomes part of a Triton model name)"
         )
     return f"{scale}_{Precision(precision).value}_{Tower(tower).value}"
+
+
+def gpu_decode_model_names(endpoint: str) -> tuple[str, str]:
+    """The Triton models that GPU decode adds ahead of image endpoint ``endpoint``:
+    ``(dali, ensemble)``, e.g. ``digits-s_int8_image_dali`` (encoded bytes -> pixels, Triton's
+    DALI backend) and ``digits-s_int8_image_encoded`` (encoded bytes -> embedding: the DALI
+    model, then the tower). Four '_'-parts: never parsed back as an endpoint."""
+    return f"{endpoint}_dali", f"{endpoint}_encoded"
 
 
 def parse_endpoint_name(name: str) -> tuple[str, Precision, Tower]:
@@ -139,6 +151,11 @@ class Sidecar:
     ood_state: str | None = None  # file beside the sidecar with a feature-space score's state
     output_formats: dict = field(default_factory=dict)  # embedding output encodings' parameters
     revision: int = 1  # bumped each time `clipserve evaluate --write-sidecars` refits it
+    # Image endpoints exported with --gpu-decode: {"model": the ensemble that takes encoded
+    # bytes, "input": its input tensor, "decoder": "dali"}. Empty: the gateway decodes on the
+    # CPU and feeds the tower pixels. Older gateways ignore the field and keep doing that
+    # (the tower stays directly callable), so the sidecar version is unchanged.
+    gpu_decode: dict = field(default_factory=dict)
 
     def write(self, endpoint_dir: Path) -> Path:
         path = Path(endpoint_dir) / SIDECAR_FILENAME

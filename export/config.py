@@ -90,6 +90,11 @@ class ExportConfig(EvaluationData):
         "help": "with --backend onnxruntime: enable the TensorRT accelerator where it applies; "
                 "int8 endpoints then get TensorRT-ready symmetric int8 Q/DQ graphs (zero "
                 "points 0, convolutions included, float biases)"})
+    gpu_decode: bool = field(default=False, metadata={
+        "help": "with --backend onnxruntime: also write, per image endpoint, a DALI model "
+                "(Triton's DALI backend: nvJPEG decode, resize, crop on the GPU) and an "
+                "ensemble E_encoded that takes the encoded files; the sidecar tells the "
+                "gateway to send bytes there instead of decoding on its CPU"})
     runtime: str = field(default="auto", metadata={
         "help": "with --backend python: the CPU runtime of each endpoint: 'onnxruntime', "
                 "'openvino', or 'auto' (measure both per precision on this machine, keep the "
@@ -140,6 +145,9 @@ class ExportConfig(EvaluationData):
         if self.tensorrt and self.backend != "onnxruntime":
             raise ValueError("--tensorrt applies to NVIDIA's onnxruntime backend: add "
                              f"--backend onnxruntime (got --backend {self.backend})")
+        if self.gpu_decode and self.backend != "onnxruntime":
+            raise ValueError("--gpu-decode needs NVIDIA's GPU images (Triton's DALI backend): "
+                             f"add --backend onnxruntime (got --backend {self.backend})")
         if self.runtime not in RUNTIME_CHOICES:
             raise ValueError(f"unknown runtime {self.runtime!r}; valid: {', '.join(RUNTIME_CHOICES)}")
         if self.seeds < 1:

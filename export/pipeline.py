@@ -13,7 +13,8 @@ import numpy as np
 from clipserve import calibration as cal
 from clipserve import stats
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.export import evaluate, models, quality, quantize, report, repository, runtimes
+from clipserve.export import (evaluate, gpu_decode, models, quality, quantize, report,
+                              repository, runtimes)
 from clipserve.export.config import ExportConfig
 from clipserve.export import onnx_export as ox
 
@@ -230,6 +231,8 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             image_size=shapes.image_size if tower is Tower.IMAGE else None,
             context_length=shapes.context_length if tower is Tower.TEXT else None,
             quantization=row["quantization"], output_formats=row["output_format_params"],
+            gpu_decode=(gpu_decode.sidecar_field(endpoint_name(spec.scale, precision, tower))
+                        if config.gpu_decode and tower is Tower.IMAGE else {}),
             **fields)
         endpoint = repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
@@ -237,6 +240,11 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             runtime=context["served"][precision, tower][0],
             runtime_options=context["served"][precision, tower][1],
             policy=config.serving_policy())
+        if sidecar.gpu_decode:
+            gpu_decode.write(Path(config.repository), endpoint.name, sidecar,
+                             config.max_queue_delay_us)
+        else:
+            gpu_decode.remove(Path(config.repository), endpoint.name)
         if sidecar.ood_state:
             cal.save_ood_state(endpoint / sidecar.ood_state, live_score,
                                result.fitted[precision].ood_states[live_score])

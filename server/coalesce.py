@@ -14,7 +14,8 @@ rows (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED), fails ever
 merged request, as it would have failed each of them alone; any other failure (Triton rejecting
 the batch, a wrong output shape) sends each caller's rows again on their own, so only the
 caller whose rows caused it fails. Undecodable images never get here: they fail in decode,
-before their call reaches the backend.
+before their call reaches the backend (with GPU decode, a file corrupt past its header does
+reach Triton, and this retry keeps it from failing the other callers of a merged request).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class Coalescer:
 
     async def _send(self, spec: EndpointSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         self._on_send(spec, len(batch))
-        return await self._backend.embed(spec.name, spec.input_name, batch, timeout_s)
+        return await self._backend.embed(spec.triton_model, spec.triton_input, batch,
+                                         timeout_s)
 
     def _drain(self, lane: _Lane) -> None:
         """Start requests for the lane's waiting rows while it has room in flight, and for

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -28,6 +28,10 @@ from .errors import ServingError
 from .health import BackendState
 from .metrics import Method, Phase, ServerMetrics
 from .repository import Catalog, EndpointSpec
+
+
+# What an endpoint runs on: pixels or token ids, or (GPU decode) padded groups of encoded files.
+Batch = Union[np.ndarray, list]
 
 
 class Tokenizer(Protocol):
@@ -69,7 +73,8 @@ class Embedder:
         """
         spec = self._catalog.get(scale, precision, tower)
         state = self._state()
-        if not state.is_ready(spec.name):
+        # With GPU decode the calls go to the ensemble: it must be ready too.
+        if not state.is_ready(spec.name) or not state.is_ready(spec.triton_model):
             if not state.ready_models:
                 raise ServingError.unavailable("Triton is not ready; retry later")
             raise ServingError.unavailable(f"endpoint {spec.name} is not ready; retry later")
@@ -90,14 +95,20 @@ class Embedder:
         ids, truncated = await asyncio.to_thread(tokenizer.encode, list(texts))
         return np.ascontiguousarray(ids, dtype=np.int32), list(truncated)
 
-    async def run(self, spec: EndpointSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def run(self, spec: EndpointSpec, batch: Batch, timeout_s: float) -> np.ndarray:
         """Embeddings (float32 [n, embed_dim]) of ``batch`` from ``spec``, sent in chunks of
         its max_batch_size (concurrently, so Triton's dynamic batcher sees them together)
-        through the coalescer. Records only the formed batches, not the items.
+        through the coalescer. Records only the formed batches, not the items. A list (GPU
+        decode: padded groups of encoded files) runs each group so, rows kept in order.
 
         Raises:
             whatever the backend raised; RuntimeError for embeddings of the wrong shape.
         """
+        if isinstance(batch, list):
+            if len(batch) == 1:
+                return await self.run(spec, batch[0], timeout_s)
+            return np.concatenate(await asyncio.gather(
+                *(self.run(spec, group, timeout_s) for group in batch)))
         chunk = spec.max_batch_size or len(batch)
         if len(batch) <= chunk:  # one request: no gather, no Task
             vectors = await self.coalescer.embed(spec, batch, timeout_s)
@@ -110,7 +121,7 @@ class Embedder:
                                f"{len(batch)} items of dimension {spec.sidecar.embed_dim}")
         return np.asarray(vectors, dtype=np.float32)
 
-    async def embed(self, method: Method, spec: EndpointSpec, batch: np.ndarray,
+    async def embed(self, method: Method, spec: EndpointSpec, batch: Batch,
                     timeout_s: float) -> np.ndarray:
         """A client call's batch through :meth:`run`, recorded as the call's Triton phase and
         as served items of ``spec``."""
@@ -118,7 +129,7 @@ class Embedder:
         vectors = await self.run(spec, batch, timeout_s)
         self._metrics.observe_phase(method, spec.scale, spec.precision, Phase.TRITON,
                                     time.perf_counter() - started)
-        self._metrics.observe_items(spec.tower, spec.scale, spec.precision, len(batch))
+        self._metrics.observe_items(spec.tower, spec.scale, spec.precision, len(vectors))
         return vectors
 
     async def embed_prompts(self, scale: str, precision: Precision, labels: Sequence[str],
@@ -136,7 +147,7 @@ class Embedder:
         vectors = await self.run(spec, ids, timeout_s)
         return average_prompts(vectors, len(labels))
 
-    async def embed_ready(self, spec: EndpointSpec, batch: np.ndarray,
+    async def embed_ready(self, spec: EndpointSpec, batch: Batch,
                           timeout_s: float) -> np.ndarray:
         """:meth:`run` on ``spec`` once it is ready (UNAVAILABLE otherwise): background work
         (the shadow) that must not count as served items."""

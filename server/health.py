@@ -17,18 +17,22 @@ exported without it and the path from the gateway to Triton. An endpoint that le
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
+from PIL import Image
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from clipserve.endpoints import Tower
 
 from .backend import Backend
+from .images import pack_encoded
 from .metrics import ServerMetrics
 from .repository import Catalog
 
@@ -68,14 +72,24 @@ class Warmup:
     batch: np.ndarray
 
 
+@functools.lru_cache(maxsize=1)
+def _warmup_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def catalog_warmups(catalog: Catalog) -> Callable[[str], Warmup | None]:
     """Warm-up requests for the endpoints of ``catalog`` (looked up when needed, so endpoints
     added to the catalog later warm up too): one zero input of the endpoint's shape and dtype,
-    as Triton's ``zero_data`` warm-up; None for a model that is not an endpoint."""
+    as Triton's ``zero_data`` warm-up (a GPU-decode endpoint's ensemble: a small JPEG, which also
+    starts its DALI pipeline); None for a model that is not an endpoint."""
     def warmup(model: str) -> Warmup | None:
         spec = catalog.by_name(model)
-        if spec is None:
-            return None
+        if spec is None:  # a GPU-decode ensemble: one small real JPEG (zeros would not decode)
+            spec = next((s for s in catalog if s.gpu_decode and s.triton_model == model), None)
+            return (None if spec is None
+                    else Warmup(spec.triton_input, pack_encoded([_warmup_jpeg()])))
         if spec.tower is Tower.IMAGE:
             size = spec.sidecar.image_size
             return Warmup(spec.input_name, np.zeros((1, size, size, 3), np.uint8))

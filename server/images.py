@@ -14,6 +14,12 @@ decodes at 320x240 for about half the CPU of the exact path, its embedding at co
 to the exact one (``python -m clipserve.loadtest.decode_bench``,
 tests/unit/test_image_fidelity.py). Other formats, and JPEGs under 2 S, take the exact path.
 
+GPU decode (an image endpoint exported with ``--gpu-decode``, its sidecar's ``gpu_decode``):
+the gateway decodes nothing. :meth:`ImageDecoder.encoded` runs the same header checks (size,
+format, pixel limits) and hands Triton the files themselves, zero-padded into uint8 batches
+(consecutive files of similar size together, so one large file does not pad the rest to its
+size), for the DALI model ahead of the tower (``clipserve.export.gpu_decode``).
+
 Decoding is CPU work that would stall every other call on the event loop, so
 :class:`ImageDecoder` runs a call's images as one job in a bounded thread pool (Pillow releases
 the GIL while decoding and resampling); a call whose images are all tiny (a few KiB, few
@@ -105,26 +111,11 @@ class Deferred(Exception):
     than that: the caller was decoding inline and should hand the image to a thread."""
 
 
-def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
-               what: str = "image", reduced_jpeg: bool = True,
-               defer_above_pixels: int | None = None) -> np.ndarray:
-    """Decode one encoded image and preprocess it to uint8 [size, size, 3].
-
-    Args:
-        data: the encoded file (JPEG, PNG or WebP).
-        size: the endpoint's input side S.
-        max_bytes: largest accepted ``len(data)``.
-        max_pixels: largest accepted width*height, read from the header before decoding.
-        what: how messages name the item ("image 3").
-        reduced_jpeg: decode a JPEG at least 2 S on both sides at a reduced scale (see the
-            module docstring); False: always the exact path.
-        defer_above_pixels: raise :class:`Deferred` after the header checks when the image has
-            more pixels than this (inline decoding's budget); None: no limit.
-
-    Raises:
-        ServingError: INVALID_ARGUMENT for empty, oversized, unsupported or corrupt data.
-        Deferred: see ``defer_above_pixels``.
-    """
+def _open_checked(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
+                  what: str) -> Image.Image:
+    """Open ``data`` (header only) and apply the limits: the cheap checks every image gets,
+    on the CPU path before decoding and on the GPU path before the bytes go to Triton. The
+    caller closes the image. Raises ServingError (INVALID_ARGUMENT) naming ``what``."""
     if not data:
         raise ServingError.invalid_argument(f"{what} is empty")
     if len(data) > max_bytes:
@@ -150,7 +141,7 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
     except _CORRUPT as exc:
         # A recognised format whose header breaks off or lies (a truncated JPEG or WebP).
         raise ServingError.invalid_argument(f"{what} is corrupt: {exc}") from None
-    with img:
+    try:
         width, height = img.size
         if width * height > max_pixels:
             raise ServingError.invalid_argument(
@@ -166,6 +157,35 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
                 f"{what} is {width}x{height}: with its short side resized to {size} it would "
                 f"have {resized_w}x{resized_h} pixels; at most {max_pixels} are accepted "
                 "(crop extreme aspect ratios first)")
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
+               what: str = "image", reduced_jpeg: bool = True,
+               defer_above_pixels: int | None = None) -> np.ndarray:
+    """Decode one encoded image and preprocess it to uint8 [size, size, 3].
+
+    Args:
+        data: the encoded file (JPEG, PNG or WebP).
+        size: the endpoint's input side S.
+        max_bytes: largest accepted ``len(data)``.
+        max_pixels: largest accepted width*height, read from the header before decoding.
+        what: how messages name the item ("image 3").
+        reduced_jpeg: decode a JPEG at least 2 S on both sides at a reduced scale (see the
+            module docstring); False: always the exact path.
+        defer_above_pixels: raise :class:`Deferred` after the header checks when the image has
+            more pixels than this (inline decoding's budget); None: no limit.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT for empty, oversized, unsupported or corrupt data.
+        Deferred: see ``defer_above_pixels``.
+    """
+    img = _open_checked(data, size, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
+    with img:
+        width, height = img.size
         if defer_above_pixels is not None and width * height > defer_above_pixels:
             raise Deferred(what)
         try:
@@ -185,6 +205,59 @@ def preprocess(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
         except (*_CORRUPT, Image.DecompressionBombError) as exc:
             # Pillow reports truncated and malformed data as OSError/SyntaxError/ValueError.
             raise ServingError.invalid_argument(f"{what} is corrupt: {exc}") from None
+
+
+# DALI decodes simple WebP files only (lossy "VP8 " or lossless "VP8L" as the first chunk);
+# an extended one (VP8X: alpha, animation, metadata) would fail the whole batch in Triton.
+_SIMPLE_WEBP = (b"VP8 ", b"VP8L")
+
+
+def check_encoded(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
+                  what: str = "image") -> None:
+    """The checks an image gets before its encoded bytes go to Triton for GPU decoding: those
+    of :func:`preprocess` up to the decode (size, format, pixel limits, all from the header),
+    plus what the GPU decoder cannot take. Nothing is decoded.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT, as :func:`preprocess`, or for an extended WebP.
+    """
+    with _open_checked(data, size, max_bytes=max_bytes, max_pixels=max_pixels,
+                       what=what) as img:
+        if img.format == "WEBP" and data[12:16] not in _SIMPLE_WEBP:
+            raise ServingError.invalid_argument(
+                f"{what} is an extended WebP (alpha, animation or metadata), which this "
+                "endpoint's GPU decoder cannot read; send JPEG, PNG or a simple WebP")
+
+
+def pack_encoded(images: Sequence[bytes]) -> np.ndarray:
+    """Encoded files as one uint8 [n, longest] batch, zero-padded at the end (Triton takes one
+    shape per request; the decoders stop at the end of each image)."""
+    batch = np.zeros((len(images), max(len(d) for d in images)), np.uint8)
+    for row, data in zip(batch, images):
+        row[:len(data)] = np.frombuffer(data, np.uint8)
+    return batch
+
+
+# Padding slack per group: below this, a few small files of unequal length share a request.
+_GROUP_SLACK = 64 * 1024
+
+
+def pack_encoded_groups(images: Sequence[bytes]) -> list[np.ndarray]:
+    """Consecutive files, in order, as padded batches (:func:`pack_encoded`) each at most twice
+    its files' bytes plus 64 KiB: one batch for files of similar size, but one 16 MiB file
+    among 63 tiny ones does not pad them all to 16 MiB (a 1 GiB batch from a 16 MiB call).
+    Triton's dynamic batcher puts the groups of a call back together (ragged input)."""
+    groups: list[np.ndarray] = []
+    start, total, longest = 0, 0, 0
+    for i, data in enumerate(images):
+        wider = max(longest, len(data))
+        if i > start and wider * (i - start + 1) > 2 * (total + len(data)) + _GROUP_SLACK:
+            groups.append(pack_encoded(images[start:i]))
+            start, total, wider = i, 0, len(data)
+        total += len(data)
+        longest = wider
+    groups.append(pack_encoded(images[start:]))
+    return groups
 
 
 class ImageDecoder:
@@ -288,6 +361,18 @@ class ImageDecoder:
                 raise result
             done.extend(result)
         return done
+
+    def encoded(self, images: Sequence[bytes], size: int,
+                names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """For an endpoint that decodes on the GPU: check each image's header
+        (:func:`check_encoded`, inline: nothing is decoded) and return what Triton gets, the
+        files in order as zero-padded uint8 [n, longest] batches
+        (:func:`pack_encoded_groups`). The lowest-numbered failure is raised (ServingError,
+        naming "image i" or ``names[i]``)."""
+        for i, data in enumerate(images):
+            check_encoded(data, size, max_bytes=self._max_bytes, max_pixels=self._max_pixels,
+                          what=names[i] if names else f"image {i}")
+        return pack_encoded_groups(images)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from clipserve.endpoints import (IMAGE_INPUT, SIDECAR_FILENAME, TEXT_INPUT, TOKENIZER_FILENAME,
-                                 Precision, Sidecar, Tower, endpoint_name)
+from clipserve.endpoints import (ENCODED_INPUT, IMAGE_INPUT, SIDECAR_FILENAME, TEXT_INPUT,
+                                 TOKENIZER_FILENAME, Precision, Sidecar, Tower, endpoint_name)
 
 from .errors import ServingError
 
@@ -81,6 +81,24 @@ class EndpointSpec:
         return IMAGE_INPUT if self.tower is Tower.IMAGE else TEXT_INPUT
 
     @property
+    def gpu_decode(self) -> bool:
+        """Whether Triton decodes this image endpoint's files (its sidecar's ``gpu_decode``):
+        calls then send encoded bytes to :attr:`triton_model` instead of pixels to the tower."""
+        return bool(self.sidecar.gpu_decode)
+
+    @property
+    def triton_model(self) -> str:
+        """The Triton model the gateway's calls go to: the tower, or with GPU decode the
+        ensemble that takes encoded bytes (the tower itself still gets the warm-up)."""
+        return self.sidecar.gpu_decode["model"] if self.gpu_decode else self.name
+
+    @property
+    def triton_input(self) -> str:
+        """The input tensor of :attr:`triton_model`."""
+        return (self.sidecar.gpu_decode.get("input", ENCODED_INPUT) if self.gpu_decode
+                else self.input_name)
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.directory / TOKENIZER_FILENAME
 
@@ -97,6 +115,10 @@ def read_endpoint(directory: Path) -> EndpointSpec:
         raise ValueError(f"{directory / SIDECAR_FILENAME}: image endpoint without image_size")
     if tower is Tower.TEXT and not sidecar.context_length:
         raise ValueError(f"{directory / SIDECAR_FILENAME}: text endpoint without context_length")
+    if sidecar.gpu_decode and (tower is not Tower.IMAGE or not isinstance(
+            sidecar.gpu_decode.get("model"), str)):
+        raise ValueError(f"{directory / SIDECAR_FILENAME}: gpu_decode must be an image "
+                         "endpoint's {\"model\": ensemble name, ...}; re-export it")
     try:
         config_text = (directory / "config.pbtxt").read_text()
     except OSError as exc:

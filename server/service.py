@@ -35,7 +35,7 @@ from clipserve.formats import OutputFormat, encode
 
 from .backend import Backend
 from .config import ServerConfig
-from .embedder import Embedder, Tokenizer
+from .embedder import Batch, Embedder, Tokenizer
 from .errors import ServingError, to_status
 from .health import BackendState
 from .images import ImageDecoder
@@ -203,7 +203,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         async with self._observed(Method.EMBED_STREAM, context, call):
             state = self._state()
             scale, precision = self._route(call, context, lambda target: any(
-                state.is_ready(endpoint_name(*target, tower)) for tower in Tower))
+                self._routable(state, endpoint_name(*target, tower)) for tower in Tower))
             names = [endpoint_name(scale, precision, tower) for tower in Tower
                      if self._catalog.has(scale, precision, tower)]
             if not names:
@@ -266,7 +266,15 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
     def _route_towers(self, call: _Call, context, towers: tuple[Tower, ...]) -> Target:
         state = self._state()
         return self._route(call, context, lambda target: all(
-            state.is_ready(endpoint_name(*target, tower)) for tower in towers))
+            self._routable(state, endpoint_name(*target, tower)) for tower in towers))
+
+    def _routable(self, state: BackendState, name: str) -> bool:
+        """Whether endpoint ``name`` is ready, its GPU-decode ensemble too where it has one
+        (so the router picks another arm instead of failing the call UNAVAILABLE)."""
+        if not state.is_ready(name):
+            return False
+        spec = self._catalog.by_name(name)
+        return spec is None or state.is_ready(spec.triton_model)
 
     def _endpoint(self, scale: str, precision: Precision, tower: Tower) -> EndpointSpec:
         """The endpoint, if present (else NOT_FOUND) and ready (else UNAVAILABLE)."""
@@ -287,16 +295,21 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             raise ServingError.invalid_argument(
                 f"{what} is {len(text)} characters; at most {limit}")
 
-    async def _embed(self, call: _Call, spec: EndpointSpec, batch: np.ndarray) -> np.ndarray:
+    async def _embed(self, call: _Call, spec: EndpointSpec, batch: Batch) -> np.ndarray:
         """A client's batch through the endpoint, within the call's deadline, recorded."""
         return await self.embedder.embed(call.method, spec, batch, call.remaining())
 
     async def _decode(self, call: _Call, spec: EndpointSpec,
-                      images: Sequence[bytes]) -> np.ndarray:
-        """Preprocess a call's images, recording the preprocess and queue phases."""
+                      images: Sequence[bytes]) -> Batch:
+        """Preprocess a call's images, recording the preprocess and queue phases: pixels for
+        the tower, or for an endpoint that decodes on the GPU the checked encoded files
+        (padded uint8 groups, ImageDecoder.encoded) for its ensemble."""
         waits: list[float] = []
         started = time.perf_counter()
-        pixels = await self._decoder.decode(images, spec.sidecar.image_size, waits)
+        if spec.gpu_decode:
+            pixels = self._decoder.encoded(images, spec.sidecar.image_size)
+        else:
+            pixels = await self._decoder.decode(images, spec.sidecar.image_size, waits)
         self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.PREPROCESS,
                                     time.perf_counter() - started)
         self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
@@ -518,7 +531,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
             car = spec.sidecar
             int8 = (car.output_formats or {}).get("int8")
             infos.append(pb.EndpointInfo(
-                endpoint=self._endpoint_pb(spec), ready=state.is_ready(spec.name),
+                endpoint=self._endpoint_pb(spec),
+                ready=state.is_ready(spec.name) and state.is_ready(spec.triton_model),
                 image_size=car.image_size or 0, context_length=car.context_length or 0,
                 max_batch_size=spec.max_batch_size, source=car.source,
                 description=PRECISION_DESCRIPTIONS[spec.precision],
@@ -605,13 +619,16 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         if tower is Tower.IMAGE:
             waits: list[float] = []
             started = time.perf_counter()
-            pixels = await self._decoder.decode_one(request.image, spec.sidecar.image_size, what,
-                                                    waits)
+            if spec.gpu_decode:
+                batch = self._decoder.encoded([request.image], spec.sidecar.image_size, [what])
+            else:
+                batch = (await self._decoder.decode_one(request.image, spec.sidecar.image_size,
+                                                        what, waits))[None]
             self._metrics.observe_phase(call.method, spec.scale, spec.precision,
                                         Phase.PREPROCESS, time.perf_counter() - started)
             self._metrics.observe_phase(call.method, spec.scale, spec.precision, Phase.QUEUE,
                                         max(waits, default=0.0))
-            vectors = await self._embed(call, spec, pixels[None])
+            vectors = await self._embed(call, spec, batch)
             # Stream items are scored for the OOD rate but neither stored nor mirrored.
             self.live.score_images(spec, vectors, None, None)
             truncated = False

@@ -29,13 +29,15 @@ class ShadowJob:
     """One mirrored image call: the pixels the served endpoint got, and what it answered."""
 
     spec: EndpointSpec  # the serving image endpoint
-    pixels: np.ndarray  # uint8 [n, S, S, 3]
+    # uint8 [n, S, S, 3], or with GPU decode the padded encoded files (images.pack_encoded_groups)
+    pixels: np.ndarray | list
     embeddings: np.ndarray  # float32 [n, D]
     key: LabelSetKey  # labels it was scored against, at the serving precision
 
     @property
     def nbytes(self) -> int:
-        return self.pixels.nbytes + self.embeddings.nbytes + ENTRY_OVERHEAD
+        batch = self.pixels if isinstance(self.pixels, list) else [self.pixels]
+        return sum(b.nbytes for b in batch) + self.embeddings.nbytes + ENTRY_OVERHEAD
 
 
 class Shadow:
@@ -87,6 +89,9 @@ class Shadow:
             return False
         if not self._catalog.has(spec.scale, self.reference, Tower.IMAGE):
             return False
+        if self._catalog.get(spec.scale, self.reference, Tower.IMAGE).gpu_decode != \
+                spec.gpu_decode:
+            return False  # pixels and encoded bytes do not fit each other's Triton model
         job = ShadowJob(spec, pixels, embeddings, key)
         if self._queued_bytes + job.nbytes > self._max_bytes:
             self._metrics.observe_shadow_drop(spec.scale, spec.precision, ShadowDrop.QUEUE_FULL)

@@ -214,6 +214,14 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     return context, result
 
 
+def _ood_state_writer(sidecar: Sidecar, live_score: str, fitted):
+    """write_endpoint's ``finish``: the feature-space OOD state the sidecar names, if any."""
+    if not sidecar.ood_state:
+        return None
+    return lambda directory: cal.save_ood_state(directory / sidecar.ood_state, live_score,
+                                                fitted.ood_states[live_score])
+
+
 def write_model(context: dict, result, precisions, config: ExportConfig, tokenizer_json: Path,
                 live_score: str, say) -> None:
     """Write one model's endpoints (config, ONNX, sidecar, OOD state) into the repository."""
@@ -231,15 +239,13 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             context_length=shapes.context_length if tower is Tower.TEXT else None,
             quantization=row["quantization"], output_formats=row["output_format_params"],
             **fields)
-        endpoint = repository.write_endpoint(
+        repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
             backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json,
             runtime=context["served"][precision, tower][0],
             runtime_options=context["served"][precision, tower][1],
-            policy=config.serving_policy())
-        if sidecar.ood_state:
-            cal.save_ood_state(endpoint / sidecar.ood_state, live_score,
-                               result.fitted[precision].ood_states[live_score])
+            policy=config.serving_policy(),
+            finish=_ood_state_writer(sidecar, live_score, result.fitted[precision]))
     say(f"{spec.scale}: wrote {len(result.rows)} endpoints to {config.repository}")
 
 

@@ -1,0 +1,178 @@
+"""A new precision without a restart (issue 15), on a real tritonserver and the real gateway.
+
+The gateway starts its own tritonserver child (polling the repository, ``triton_repository_poll_s``)
+over a copy of the session repository that holds only fp32 and int8. While a client thread calls
+continuously (header-less, so the routing file decides), the int4 endpoints are copied in the
+way an operator (or ``clipserve export --repository``) does: built beside the repository and
+renamed into it. The test waits until an ``x-clip-precision: int4`` call is served, moves 10%
+of the traffic there by rewriting the routing file, sees calls land on int4, takes int4 out of
+the routing file again, removes its directories, and waits until the gateway answers int4 with
+NOT_FOUND. Not one of the client's calls may fail, and health must stay SERVING throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from clipserve.endpoints import Precision, Tower, endpoint_name
+from clipserve.server.v1 import clipserve_pb2 as pb
+
+from .test_gateway import GatewayThread, config_for, png
+
+pytestmark = pytest.mark.integration
+
+SCALE = "digits-s"
+SERVED = (Precision.FP32, Precision.INT8)
+ADDED = Precision.INT4
+WAIT_S = 60.0  # upper bound for each step; each takes a few poll periods
+
+
+def endpoint_dirs(precision: Precision) -> list[str]:
+    return [endpoint_name(SCALE, precision, tower) for tower in Tower]
+
+
+def publish(source: Path, repository: Path) -> None:
+    """Copy an endpoint directory in as an operator would: beside the repository, then rename."""
+    staging = repository.parent / f".staging-{source.name}"
+    shutil.copytree(source, staging)
+    staging.rename(repository / source.name)
+
+
+def write_routing(path: Path, weights: dict) -> None:
+    staging = path.with_name(path.name + ".new")
+    staging.write_text(json.dumps({"weights": weights}))
+    staging.replace(path)  # atomic, like a ConfigMap update
+
+
+class Caller(threading.Thread):
+    """Calls EmbedImages and EmbedTexts back to back without precision headers; records every
+    served endpoint, every failure and every health answer that was not SERVING."""
+
+    def __init__(self, gw: GatewayThread):
+        super().__init__(daemon=True)
+        self.gw = gw
+        self.stop = threading.Event()
+        self.served: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.not_serving = 0
+        self.lock = threading.Lock()
+
+    def run(self):
+        image = pb.EmbedImagesRequest(images=[png(0)])
+        text = pb.EmbedTextsRequest(texts=["a photo of the digit 3"])
+        i = 0
+        while not self.stop.is_set():
+            method, request = ((self.gw.embed.EmbedImages, image) if i % 2 == 0
+                               else (self.gw.embed.EmbedTexts, text))
+            i += 1
+            try:
+                _, call = method.with_call(request, timeout=20)
+                name = dict(call.initial_metadata())["x-clip-endpoint"]
+                with self.lock:
+                    self.served[name] += 1
+            except grpc.RpcError as exc:
+                with self.lock:
+                    self.failures.append(f"{exc.code().name}: {exc.details()}")
+            if i % 10 == 0 and self.gw.health_status() != health_pb2.HealthCheckResponse.SERVING:
+                self.not_serving += 1
+
+    def count(self, name: str) -> int:
+        with self.lock:
+            return self.served[name]
+
+
+def wait_for(predicate, what: str, timeout_s: float = WAIT_S) -> float:
+    """Seconds until ``predicate()`` held; fails the test after ``timeout_s``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"not within {timeout_s:.0f} s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def int4_call(gw: GatewayThread) -> grpc.StatusCode:
+    request = pb.EmbedImagesRequest(images=[png(1)])
+    try:
+        _, call = gw.embed.EmbedImages.with_call(
+            request, metadata=(("x-clip-precision", ADDED.value),), timeout=20)
+    except grpc.RpcError as exc:
+        return exc.code()
+    assert dict(call.initial_metadata())["x-clip-endpoint"] == endpoint_name(
+        SCALE, ADDED, Tower.IMAGE)
+    return grpc.StatusCode.OK
+
+
+def test_add_route_and_remove_a_precision_while_serving(repository, tmp_path):
+    live = tmp_path / "repo"
+    live.mkdir()
+    for precision in SERVED:
+        for name in endpoint_dirs(precision):
+            shutil.copytree(repository / name, live / name)
+    routing = tmp_path / "routing.json"
+    write_routing(routing, {"fp32": 100})
+    gw = GatewayThread(config_for(live, "", routing_file=routing, triton_repository_poll_s=1))
+    caller = Caller(gw)
+    try:
+        assert int4_call(gw) == grpc.StatusCode.NOT_FOUND  # as for any precision not served
+        caller.start()
+        wait_for(lambda: caller.count(endpoint_name(SCALE, Precision.FP32, Tower.TEXT)) > 0,
+                 "the client's first calls")
+
+        copied = time.monotonic()
+        for name in endpoint_dirs(ADDED):
+            publish(repository / name, live)
+        # Explicit calls before the gateway has it are NOT_FOUND or UNAVAILABLE (not routable
+        # yet), never anything else.
+        codes = set()
+
+        def int4_served():
+            code = int4_call(gw)
+            codes.add(code)
+            return code == grpc.StatusCode.OK
+        wait_for(int4_served, "an x-clip-precision: int4 call served")
+        to_first_call = time.monotonic() - copied
+        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND,
+                         grpc.StatusCode.UNAVAILABLE}, codes
+        assert caller.count(endpoint_name(SCALE, ADDED, Tower.IMAGE)) == 0  # not in routing yet
+
+        write_routing(routing, {"fp32": 90, "int4": 10})
+        for tower in Tower:
+            wait_for(lambda: caller.count(endpoint_name(SCALE, ADDED, tower)) >= 3,
+                     f"header-less {tower.value} calls routed to int4")
+
+        write_routing(routing, {"fp32": 100})
+        wait_for(lambda: all(arm.precision is Precision.FP32
+                             for arm in gw.gateway.routing.policy.arms),
+                 "the routing file without int4 in force")
+        # Drained: no new call goes to int4 now; any still in flight finishes (Triton's
+        # unload waits for them), then the directories go.
+        drained = {name: caller.count(name) for name in endpoint_dirs(ADDED)}
+        for name in endpoint_dirs(ADDED):
+            aside = tmp_path / f"removed-{name}"
+            (live / name).rename(aside)
+            shutil.rmtree(aside)
+        wait_for(lambda: int4_call(gw) == grpc.StatusCode.NOT_FOUND,
+                 "int4 gone from the gateway's catalog")
+        assert {name: caller.count(name) for name in endpoint_dirs(ADDED)} == drained
+        assert gw.gateway.catalog.precisions() == list(SERVED)
+        time.sleep(0.5)  # a few more calls after the removal
+    finally:
+        caller.stop.set()
+        caller.join(30)
+        gw.close()
+
+    assert caller.failures == []
+    assert caller.not_serving == 0
+    fp32 = sum(caller.count(n) for n in endpoint_dirs(Precision.FP32))
+    print(f"copy to first int4 call {to_first_call:.2f} s; calls: fp32 {fp32}, int4 "
+          f"{sum(drained.values())}, failed {len(caller.failures)}")

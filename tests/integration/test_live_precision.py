@@ -5,13 +5,15 @@ over a copy of the session repository that holds only fp32 and int8. While a cli
 continuously (header-less, so the routing file decides), the int4 endpoints are copied in the
 way an operator (or ``clipserve export --repository``) does: built beside the repository and
 renamed into it. The test waits until an ``x-clip-precision: int4`` call is served, moves 10%
-of the traffic there by rewriting the routing file, sees calls land on int4, takes int4 out of
+of the traffic there by rewriting the routing file, sees calls land on int4, rewrites a served
+endpoint's sidecar (Triton reloads that model; the gateway re-reads it), takes int4 out of
 the routing file again, removes its directories, and waits until the gateway answers int4 with
 NOT_FOUND. Not one of the client's calls may fail, and health must stay SERVING throughout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -23,7 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from clipserve.endpoints import Precision, Tower, endpoint_name
+from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
 from clipserve.server.v1 import clipserve_pb2 as pb
 
 from .test_gateway import GatewayThread, config_for, png
@@ -149,6 +151,19 @@ def test_add_route_and_remove_a_precision_while_serving(repository, tmp_path):
         for tower in Tower:
             wait_for(lambda: caller.count(endpoint_name(SCALE, ADDED, tower)) >= 3,
                      f"header-less {tower.value} calls routed to int4")
+
+        # A sidecar rewritten in place (`clipserve evaluate --write-sidecars`, then SIGHUP)
+        # changes a served model's directory: the polling Triton reloads that model, which
+        # must not fail a call either.
+        fp32_image = live / endpoint_name(SCALE, Precision.FP32, Tower.IMAGE)
+        car = Sidecar.read(fp32_image)
+        dataclasses.replace(car, revision=car.revision + 1).write(fp32_image)
+        gw.loop.call_soon_threadsafe(gw.gateway.reload)
+        wait_for(lambda: gw.gateway.catalog.by_name(fp32_image.name).sidecar.revision
+                 == car.revision + 1, "the new sidecar revision read")
+        served = caller.count(fp32_image.name)
+        time.sleep(3.0)  # three Triton polls: its reload of the model happens meanwhile
+        assert caller.count(fp32_image.name) > served
 
         write_routing(routing, {"fp32": 100})
         wait_for(lambda: all(arm.precision is Precision.FP32

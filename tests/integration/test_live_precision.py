@@ -191,3 +191,33 @@ def test_add_route_and_remove_a_precision_while_serving(repository, tmp_path):
     fp32 = sum(caller.count(n) for n in endpoint_dirs(Precision.FP32))
     print(f"copy to first int4 call {to_first_call:.2f} s; calls: fp32 {fp32}, int4 "
           f"{sum(drained.values())}, failed {len(caller.failures)}")
+
+
+def test_export_into_an_existing_repository_adds_without_rewriting_the_others(
+        repository, cache_dir, tmp_path):
+    """`clipserve export --precisions int4 --repository DIR` on a repository that holds fp32
+    and int8: int4 appears, fp32 and int8 are byte- and inode-identical, nothing is staged
+    inside the repository or left beside it."""
+    from clipserve.export.config import ExportConfig
+    from clipserve.export.pipeline import export
+    from clipserve.server.repository import Catalog
+
+    live = tmp_path / "repo"
+    live.mkdir()
+    for precision in SERVED:
+        for name in endpoint_dirs(precision):
+            shutil.copytree(repository / name, live / name)
+
+    def snapshot():
+        return {p.relative_to(live): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+                for name in (*endpoint_dirs(Precision.FP32), *endpoint_dirs(Precision.INT8))
+                for p in sorted((live / name).rglob("*")) if p.is_file()}
+    before = snapshot()
+    export(ExportConfig(models=SCALE, precisions=(ADDED.value,), repository=str(live),
+                        cache_dir=str(cache_dir), throughput_seconds=0.1), log=lambda line: None)
+    assert snapshot() == before
+    catalog = Catalog.from_repository(live)
+    assert catalog.precisions() == [Precision.FP32, Precision.INT8, ADDED]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert sorted(p.name for p in live.iterdir() if p.is_dir()) == sorted(
+        name for p in (*SERVED, ADDED) for name in endpoint_dirs(p))

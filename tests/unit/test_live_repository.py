@@ -145,3 +145,12 @@ async def test_an_endpoint_added_while_serving_warms_up_without_leaving_serving(
     backend.models |= {"ignored"}  # any change of the set makes the monitor refresh
     assert (await monitor.poll_once()).serving
     assert catalog.by_name(new) is None
+
+
+def test_repository_poll_setting_is_validated_and_defaults_to_polling():
+    from clipserve.server.config import ServerConfig
+
+    assert ServerConfig().triton_repository_poll_s > 0  # a live add works out of the box
+    assert ServerConfig(triton_repository_poll_s=0).triton_repository_poll_s == 0
+    with pytest.raises(ValueError, match="triton_repository_poll_s"):
+        ServerConfig(triton_repository_poll_s=-1)

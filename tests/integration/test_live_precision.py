@@ -172,12 +172,27 @@ def test_add_route_and_remove_a_precision_while_serving(repository, tmp_path):
         # Drained: no new call goes to int4 now; any still in flight finishes (Triton's
         # unload waits for them), then the directories go.
         drained = {name: caller.count(name) for name in endpoint_dirs(ADDED)}
+        # A client still naming int4 explicitly meanwhile: served until Triton unloads it,
+        # then UNAVAILABLE (not routable) or NOT_FOUND (gone from the catalog), nothing else.
+        explicit = Counter()
+        stop_explicit = threading.Event()
+
+        def name_int4():
+            while not stop_explicit.is_set():
+                explicit[int4_call(gw)] += 1
+        naming = threading.Thread(target=name_int4, daemon=True)
+        naming.start()
         for name in endpoint_dirs(ADDED):
             aside = tmp_path / f"removed-{name}"
             (live / name).rename(aside)
             shutil.rmtree(aside)
-        wait_for(lambda: int4_call(gw) == grpc.StatusCode.NOT_FOUND,
+        wait_for(lambda: explicit[grpc.StatusCode.NOT_FOUND] > 0,
                  "int4 gone from the gateway's catalog")
+        stop_explicit.set()
+        naming.join(30)
+        assert set(explicit) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
+                                 grpc.StatusCode.NOT_FOUND}, explicit
+        assert int4_call(gw) == grpc.StatusCode.NOT_FOUND
         assert {name: caller.count(name) for name in endpoint_dirs(ADDED)} == drained
         assert gw.gateway.catalog.precisions() == list(SERVED)
         time.sleep(0.5)  # a few more calls after the removal
@@ -190,7 +205,8 @@ def test_add_route_and_remove_a_precision_while_serving(repository, tmp_path):
     assert caller.not_serving == 0
     fp32 = sum(caller.count(n) for n in endpoint_dirs(Precision.FP32))
     print(f"copy to first int4 call {to_first_call:.2f} s; calls: fp32 {fp32}, int4 "
-          f"{sum(drained.values())}, failed {len(caller.failures)}")
+          f"{sum(drained.values())}, failed {len(caller.failures)}; explicit int4 calls "
+          f"during removal: {dict((c.name, n) for c, n in explicit.items())}")
 
 
 def test_export_into_an_existing_repository_adds_without_rewriting_the_others(

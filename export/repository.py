@@ -217,17 +217,13 @@ def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend:
     repository = Path(repository)
     endpoint = repository / name
     repository.mkdir(parents=True, exist_ok=True)
-    # Beside the repository, not in it: Triton would take a directory inside for a model.
     staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.{name}.",
-                                    dir=repository.resolve().parent))
+                                    dir=_staging_parent(repository)))
     try:
         (staging / "1").mkdir()
         shutil.copyfile(onnx_path, staging / "1" / "model.onnx")
         if backend == "python":
             shutil.copyfile(TEMPLATE, staging / "1" / "model.py")
-        (staging / "config.pbtxt").write_text(
-            config_pbtxt(name, tower, sidecar, backend, precision, tensorrt,
-                         runtime=runtime, runtime_options=runtime_options, policy=policy))
         sidecar.write(staging)
         if tower is Tower.TEXT:
             if tokenizer_json is None:
@@ -235,11 +231,26 @@ def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend:
             shutil.copyfile(tokenizer_json, staging / TOKENIZER_FILENAME)
         if finish is not None:
             finish(staging)
+        # Last: a polling Triton that sees a staging directory inside the repository (see
+        # _staging_parent) finds no config, or one naming another directory, and skips it.
+        (staging / "config.pbtxt").write_text(
+            config_pbtxt(name, tower, sidecar, backend, precision, tensorrt,
+                         runtime=runtime, runtime_options=runtime_options, policy=policy))
         staging.chmod(0o755)  # mkdtemp makes it 0700; Triton may run as another user
         publish_directory(staging, endpoint)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return endpoint
+
+
+def _staging_parent(repository: Path) -> Path:
+    """Where endpoints are built before the rename: beside the repository, since Triton takes
+    every directory inside it for a model; inside it (a hidden name) only where the repository
+    is a mount point, so the rename stays on one file system."""
+    resolved = repository.resolve()
+    if resolved.parent.stat().st_dev == resolved.stat().st_dev:
+        return resolved.parent
+    return resolved
 
 
 def publish_directory(source: Path, target: Path) -> None:

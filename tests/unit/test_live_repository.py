@@ -154,3 +154,17 @@ def test_repository_poll_setting_is_validated_and_defaults_to_polling():
     assert ServerConfig(triton_repository_poll_s=0).triton_repository_poll_s == 0
     with pytest.raises(ValueError, match="triton_repository_poll_s"):
         ServerConfig(triton_repository_poll_s=-1)
+
+
+def test_a_repository_on_its_own_mount_is_staged_inside_and_left_clean(tmp_path, monkeypatch):
+    repo, onnx_path = tmp_path / "repo", tiny_onnx(tmp_path / "t.onnx")
+    repo.mkdir()
+    monkeypatch.setattr(repository, "_staging_parent", lambda path: path.resolve())
+    seen = []
+    endpoint = repository.write_endpoint(
+        repo, onnx_path, image_sidecar("int4"),
+        finish=lambda d: seen.append((d.parent, d.name.startswith("."),
+                                      (d / "config.pbtxt").exists())))
+    # Hidden, and without config.pbtxt until just before the rename (Triton skips it).
+    assert seen == [(repo.resolve(), True, False)]
+    assert [p.name for p in repo.iterdir()] == [endpoint.name]

@@ -224,6 +224,7 @@ def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend:
         shutil.copyfile(onnx_path, staging / "1" / "model.onnx")
         if backend == "python":
             shutil.copyfile(TEMPLATE, staging / "1" / "model.py")
+            precompile_model_py(staging / "1" / "model.py")
         sidecar.write(staging)
         if tower is Tower.TEXT:
             if tokenizer_json is None:
@@ -241,6 +242,22 @@ def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return endpoint
+
+
+def precompile_model_py(path: Path) -> None:
+    """Write ``model.py``'s ``__pycache__`` entry now. Triton's python stub writes it on the
+    first load otherwise, which a polling Triton (``--model-control-mode=poll``) sees as a
+    change to the model and answers with a reload of every model right after it loaded it.
+    Hash-checked, so it stays valid when the directory is copied (new mtimes); written for
+    this interpreter's tag: a stub of another Python version still writes its own (one
+    reload, harmless)."""
+    import py_compile
+
+    try:
+        py_compile.compile(str(path), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    except (py_compile.PyCompileError, OSError) as exc:
+        raise ValueError(f"cannot compile {path}: {exc}") from exc
 
 
 def _staging_parent(repository: Path) -> Path:

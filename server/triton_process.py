@@ -188,6 +188,20 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
         time.sleep(0.05)
 
 
+def _precompile_models(repository: Path) -> None:
+    """Compile each ``<model>/<version>/model.py`` the stub would compile on its first load:
+    that write into the model's directory makes a polling Triton reload every model once
+    right after start. Best effort (a read-only repository: the stub cannot write either)."""
+    import py_compile
+
+    for path in repository.glob("*/*/model.py"):
+        try:
+            py_compile.compile(str(path), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        except (py_compile.PyCompileError, OSError) as exc:
+            log.debug("not precompiling %s: %s", path, exc)
+
+
 def _read_from(path: Path, offset: int) -> str:
     try:
         with open(path, "rb") as f:
@@ -402,6 +416,8 @@ class TritonProcess:
         # _cleanup() find and unlink the regions of a Triton that was killed.
         self._shm_prefix = f"clipserve_{os.getpid()}_{secrets.token_hex(4)}_"
 
+        if self.repository_poll_s > 0:
+            _precompile_models(self.repository)
         args = [
             str(install.binary),
             f"--model-repository={self.repository}",

@@ -5,7 +5,9 @@ new endpoint loads. No network; a fake backend."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 from grpc_health.v1.health import aio as health_aio
@@ -43,6 +45,10 @@ def test_write_endpoint_adds_to_a_served_repository_without_touching_the_others(
     assert snapshot(fp32) == before  # same inodes, times and bytes: not rewritten
     assert sorted(p.name for p in repo.iterdir()) == ["s_fp32_image", "s_int4_image"]
     assert (int4 / "config.pbtxt").is_file() and (int4 / "1" / "model.onnx").is_file()
+    # model.py ships compiled (hash-checked), so Triton's stub writes nothing into the model
+    # on its first load, which a polling Triton would answer with a reload.
+    pyc = importlib.util.cache_from_source(str(int4 / "1" / "model.py"))
+    assert Path(pyc).read_bytes()[4:8] == (3).to_bytes(4, "little")  # flags: checked hash
     # Built outside the repository (Triton would take a directory inside it for a model), and
     # nothing is left beside it.
     assert written == [tmp_path]

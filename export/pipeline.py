@@ -215,6 +215,14 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     return context, result
 
 
+def _ood_state_writer(sidecar: Sidecar, live_score: str, fitted):
+    """write_endpoint's ``finish``: the feature-space OOD state the sidecar names, if any."""
+    if not sidecar.ood_state:
+        return None
+    return lambda directory: cal.save_ood_state(directory / sidecar.ood_state, live_score,
+                                                fitted.ood_states[live_score])
+
+
 def write_model(context: dict, result, precisions, config: ExportConfig, tokenizer_json: Path,
                 live_score: str, say) -> None:
     """Write one model's endpoints (config, ONNX, sidecar, OOD state) into the repository."""
@@ -234,20 +242,18 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             gpu_decode=(gpu_decode.sidecar_field(endpoint_name(spec.scale, precision, tower))
                         if config.gpu_decode and tower is Tower.IMAGE else {}),
             **fields)
-        endpoint = repository.write_endpoint(
+        repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
             backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json,
             runtime=context["served"][precision, tower][0],
             runtime_options=context["served"][precision, tower][1],
-            policy=config.serving_policy())
+            policy=config.serving_policy(),
+            finish=_ood_state_writer(sidecar, live_score, result.fitted[precision]))
+        name = endpoint_name(spec.scale, precision, tower)
         if sidecar.gpu_decode:
-            gpu_decode.write(Path(config.repository), endpoint.name, sidecar,
-                             config.max_queue_delay_us)
+            gpu_decode.write(Path(config.repository), name, sidecar, config.max_queue_delay_us)
         else:
-            gpu_decode.remove(Path(config.repository), endpoint.name)
-        if sidecar.ood_state:
-            cal.save_ood_state(endpoint / sidecar.ood_state, live_score,
-                               result.fitted[precision].ood_states[live_score])
+            gpu_decode.remove(Path(config.repository), name)
     say(f"{spec.scale}: wrote {len(result.rows)} endpoints to {config.repository}")
 
 

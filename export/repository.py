@@ -19,8 +19,10 @@ config; model.py reads it from there and hard-codes none of it.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from clipserve.endpoints import (EMBEDDING_OUTPUT, IMAGE_INPUT, TEXT_INPUT, Precision,
                                  Sidecar, Tower, TOKENIZER_FILENAME, endpoint_name)
@@ -198,25 +200,85 @@ def warmup_lines(input_name: str, dtype: str, dims: list[int], tower: Tower,
 def write_endpoint(repository: Path, onnx_path: Path, sidecar: Sidecar, backend: str = "python",
                    tensorrt: bool = False, tokenizer_json: Path | None = None,
                    runtime: str = "onnxruntime", runtime_options: dict | None = None,
-                   policy: ServingPolicy | None = None) -> Path:
+                   policy: ServingPolicy | None = None,
+                   finish: Callable[[Path], None] | None = None) -> Path:
     """Create ``<repository>/<endpoint>/`` with config, model, sidecar (and tokenizer for
-    text towers). Replaces an existing endpoint of the same name. ``runtime``,
-    ``runtime_options`` and ``policy`` go to config.pbtxt (see :func:`config_pbtxt`)."""
+    text towers). ``runtime``, ``runtime_options`` and ``policy`` go to config.pbtxt (see
+    :func:`config_pbtxt`); ``finish`` adds more files (an OOD state) to the directory before
+    it appears.
+
+    The repository may be served (Triton polling it, see ``triton_repository_poll_s``): the
+    endpoint is built in a staging directory beside the repository and renamed into place, so
+    Triton and the gateway never see a half-written model, and the other endpoints are not
+    touched. An existing endpoint of the same name is replaced (swapped out by rename, then
+    deleted). Returns the endpoint's directory."""
     tower, precision = Tower(sidecar.tower), Precision(sidecar.precision)
     name = endpoint_name(sidecar.scale, precision, tower)
-    endpoint = Path(repository) / name
-    if endpoint.exists():
-        shutil.rmtree(endpoint)
-    (endpoint / "1").mkdir(parents=True)
-    shutil.copyfile(onnx_path, endpoint / "1" / "model.onnx")
-    if backend == "python":
-        shutil.copyfile(TEMPLATE, endpoint / "1" / "model.py")
-    (endpoint / "config.pbtxt").write_text(
-        config_pbtxt(name, tower, sidecar, backend, precision, tensorrt,
-                     runtime=runtime, runtime_options=runtime_options, policy=policy))
-    sidecar.write(endpoint)
-    if tower is Tower.TEXT:
-        if tokenizer_json is None:
-            raise ValueError(f"{name}: a text endpoint needs its tokenizer.json")
-        shutil.copyfile(tokenizer_json, endpoint / TOKENIZER_FILENAME)
+    repository = Path(repository)
+    endpoint = repository / name
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.{name}.",
+                                    dir=_staging_parent(repository)))
+    try:
+        (staging / "1").mkdir()
+        shutil.copyfile(onnx_path, staging / "1" / "model.onnx")
+        if backend == "python":
+            shutil.copyfile(TEMPLATE, staging / "1" / "model.py")
+            precompile_model_py(staging / "1" / "model.py")
+        sidecar.write(staging)
+        if tower is Tower.TEXT:
+            if tokenizer_json is None:
+                raise ValueError(f"{name}: a text endpoint needs its tokenizer.json")
+            shutil.copyfile(tokenizer_json, staging / TOKENIZER_FILENAME)
+        if finish is not None:
+            finish(staging)
+        # Last: a polling Triton that sees a staging directory inside the repository (see
+        # _staging_parent) finds no config, or one naming another directory, and skips it.
+        (staging / "config.pbtxt").write_text(
+            config_pbtxt(name, tower, sidecar, backend, precision, tensorrt,
+                         runtime=runtime, runtime_options=runtime_options, policy=policy))
+        staging.chmod(0o755)  # mkdtemp makes it 0700; Triton may run as another user
+        publish_directory(staging, endpoint)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return endpoint
+
+
+def precompile_model_py(path: Path) -> None:
+    """Write ``model.py``'s ``__pycache__`` entry now. Triton's python stub writes it on the
+    first load otherwise, which a polling Triton (``--model-control-mode=poll``) sees as a
+    change to the model and answers with a reload of every model right after it loaded it.
+    Hash-checked, so it stays valid when the directory is copied (new mtimes); written for
+    this interpreter's tag: a stub of another Python version still writes its own (one
+    reload, harmless)."""
+    import py_compile
+
+    try:
+        py_compile.compile(str(path), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    except (py_compile.PyCompileError, OSError) as exc:
+        raise ValueError(f"cannot compile {path}: {exc}") from exc
+
+
+def _staging_parent(repository: Path) -> Path:
+    """Where endpoints are built before the rename: beside the repository, since Triton takes
+    every directory inside it for a model; inside it (a hidden name) only where the repository
+    is a mount point, so the rename stays on one file system."""
+    resolved = repository.resolve()
+    if resolved.parent.stat().st_dev == resolved.stat().st_dev:
+        return resolved.parent
+    return resolved
+
+
+def publish_directory(source: Path, target: Path) -> None:
+    """Move the complete directory ``source`` to ``target`` (same file system) by rename; an
+    existing ``target`` is first renamed aside and deleted after, so ``target`` is never
+    partly written (it is absent for the instant between the two renames)."""
+    source, target = Path(source), Path(target)
+    if not target.exists():
+        source.rename(target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=source.parent))
+    target.rename(retired / target.name)
+    source.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -162,6 +162,8 @@ class Gateway:
         self.health = health_aio.HealthServicer()
         self.routing: RoutingSource | None = None
         self.catalog: Catalog | None = None
+        self._tokenizers: dict = {}  # shared with the servicer: endpoints added later join it
+        self._metrics: ServerMetrics | None = None
         self.monitor: HealthMonitor | None = None
         self.keys: KeyFile | None = None
         self.guard: CallGuard | None = None
@@ -181,8 +183,8 @@ class Gateway:
         log.info("clipserve serve: %s", describe(config))
         catalog = self.catalog = Catalog.from_repository(config.repository)
         scale = resolve_default_scale(config, catalog)
-        tokenizers = load_tokenizers(catalog)
-        metrics = ServerMetrics(self.registry, catalog.scales)
+        tokenizers = self._tokenizers = load_tokenizers(catalog)
+        metrics = self._metrics = ServerMetrics(self.registry, catalog.scales)
         self.routing = RoutingSource(config.routing_file, default_policy(catalog, scale), scale,
                                      catalog.targets(), metrics)
         for service in ("", *SERVICE_NAMES):
@@ -206,7 +208,8 @@ class Gateway:
         self.monitor = HealthMonitor(
             self._backend, self.health, SERVICE_NAMES, metrics, config.health_poll_s,
             warmups=catalog_warmups(catalog) if config.endpoint_warmup else None,
-            warmup_timeout_s=config.endpoint_warmup_timeout_s)
+            warmup_timeout_s=config.endpoint_warmup_timeout_s,
+            on_models=self._triton_models_changed)
         # An external Triton may come up after us (Kubernetes starts containers in any order):
         # serve anyway, NOT_SERVING and UNAVAILABLE until the monitor sees it ready.
         if not (await self.monitor.poll_once()).serving:
@@ -298,9 +301,43 @@ class Gateway:
         self._triton = await start_child(self.config)
         return TritonBackend(self._triton.grpc_url)
 
+    def refresh_catalog(self) -> tuple[list, list]:
+        """Follow the repository: endpoints whose directory appeared join the catalog (their
+        tokenizer, metric series and routing targets with them; the health monitor warms
+        them up before they are routable), those whose directory is gone leave it. Called
+        on SIGHUP and whenever Triton's READY model set changes. Returns (added, removed)."""
+        if self.catalog is None:
+            return [], []
+        added, removed = self.catalog.refresh()
+        for spec in added:
+            if spec.tower is Tower.TEXT:
+                try:
+                    self._tokenizers.update(load_tokenizers([spec]))
+                except ValueError as exc:  # served without text: calls get FAILED_PRECONDITION
+                    log.error("%s", exc)
+        for spec in removed:
+            self._tokenizers.pop(spec.name, None)
+        if added and self._metrics is not None:
+            self._metrics.add_scales(s.scale for s in added)
+            self._metrics.init_endpoints({(s.scale, s.precision) for s in added
+                                          if s.tower is Tower.IMAGE})
+        if added or removed:
+            log.info("repository changed: added %s; removed %s",
+                     ", ".join(s.name for s in added) or "none",
+                     ", ".join(s.name for s in removed) or "none")
+            if self.routing is not None:
+                self.routing.set_available(self.catalog.targets())
+        return added, removed
+
+    def _triton_models_changed(self, models: frozenset[str]) -> None:
+        if self.catalog is not None and ({m for m in models if self.catalog.by_name(m) is None}
+                                         or {s.name for s in self.catalog} - models):
+            self.refresh_catalog()
+
     def reload(self) -> None:
-        """Re-read the routing file, the API key file and the endpoints' sidecars now
-        (SIGHUP)."""
+        """Re-read the repository (endpoints added or removed), the routing file, the API key
+        file and the endpoints' sidecars now (SIGHUP)."""
+        self.refresh_catalog()
         if self.routing is not None:
             self.routing.reload()
         if self.keys is not None:

@@ -119,6 +119,12 @@ class ServerConfig:
         "how often Triton readiness is polled into gRPC health"))
     shutdown_grace_s: float = field(default=10.0, metadata=_help(
         "on SIGTERM/SIGINT, how long in-flight calls may take to finish"))
+    triton_repository_poll_s: int = field(default=2, metadata=_help(
+        "how often (whole seconds) the tritonserver child polls the repository for endpoints "
+        "added, changed or removed (Triton's --model-control-mode=poll), so a precision can "
+        "be added to or removed from a running deployment; the gateway's catalog follows "
+        "what Triton loads. 0: the repository is fixed at start (model control none). Not "
+        "used with triton_url: start that Triton with the same flags"))
     triton_metrics_address: str = field(default="127.0.0.1", metadata=_help(
         "address the tritonserver child's Prometheus port binds to; 0.0.0.0 to be scraped at "
         "the pod IP (its gRPC and HTTP ports stay on 127.0.0.1 behind the gateway). Not used "
@@ -235,6 +241,9 @@ class ServerConfig:
         except ValueError:
             problems.append(f"triton_metrics_address must be an IP address (e.g. 127.0.0.1 or "
                             f"0.0.0.0), got {self.triton_metrics_address!r}")
+        if self.triton_repository_poll_s < 0:
+            problems.append(f"triton_repository_poll_s must be 0 (no polling) or more, got "
+                            f"{self.triton_repository_poll_s}")
         if not 0 <= self.triton_metrics_port <= 65535:
             problems.append(f"triton_metrics_port must be 0..65535, got {self.triton_metrics_port}")
         if self.ood_labels and (len(self.ood_labels) < 2

@@ -112,12 +112,21 @@ class HealthMonitor:
             endpoint); None: no warm-up at all, a READY model is routable at once.
         warmup_timeout_s: deadline of one warm-up request; one that fails or times out is
             logged and retried at the next poll, its endpoint not routable until it succeeds.
+        on_models: called with Triton's READY models whenever that set changes, before they
+            are warmed up (the gateway refreshes its catalog from the repository there, so a
+            model added while serving is warmed up and routed in the same poll).
+
+    Once the gateway has been SERVING, an endpoint it has never warmed up (added to the
+    repository while serving) does not take it back to NOT_SERVING while Triton loads it and
+    it warms up: it is simply not routable yet. One that was warm before and left READY
+    (Triton restarted, the model failed) does; one removed from the catalog no longer counts.
     """
 
     def __init__(self, backend: Backend, health: health_aio.HealthServicer,
                  services: Iterable[str], metrics: ServerMetrics, interval_s: float,
                  warmups: Callable[[str], Warmup | None] | None = None,
-                 warmup_timeout_s: float = 60.0):
+                 warmup_timeout_s: float = 60.0,
+                 on_models: Callable[[frozenset[str]], None] | None = None):
         self._backend = backend
         self._health = health
         self._services = ("", *services)
@@ -126,6 +135,10 @@ class HealthMonitor:
         self._warmups = warmups or (lambda model: None)
         self._warmup_timeout_s = warmup_timeout_s
         self._warm: set[str] = set()
+        self._ever_warm: set[str] = set()
+        self._served = False
+        self._on_models = on_models
+        self._models: frozenset[str] | None = None
         self.state = BackendState()
 
     async def _warm_up(self, model: str, warmup: Warmup) -> None:
@@ -140,6 +153,7 @@ class HealthMonitor:
                         model, exc)
             return
         self._warm.add(model)
+        self._ever_warm.add(model)
         log.info("%s answered its warm-up request in %.1f ms", model,
                  (time.perf_counter() - start) * 1e3)
 
@@ -150,14 +164,29 @@ class HealthMonitor:
         server_ready, models = await asyncio.gather(
             self._backend.server_ready(timeout), self._backend.ready_models(timeout))
         models = frozenset(models)
+        if models != self._models and self._on_models is not None:
+            try:
+                self._on_models(models)
+            except Exception:  # a catalog refresh bug must not stop readiness polling
+                log.exception("handling Triton's model set failed")
+        self._models = models
         self._warm &= models  # one that left READY (Triton restarted) warms up again
         pending = {m: w for m in sorted(models - self._warm)
                    if (w := self._warmups(m)) is not None}
         if pending:
             await asyncio.gather(*(self._warm_up(m, w) for m, w in pending.items()))
         routable = frozenset(m for m in models if m in self._warm or m not in pending)
-        state = BackendState(server_ready=server_ready, ready_models=routable,
-                             serving=server_ready and routable == models)
+        # Endpoints warmed up before and still in the catalog (a removed one has no warm-up).
+        self._ever_warm = {m for m in self._ever_warm if self._warmups(m) is not None}
+        if self._served and self._ever_warm:
+            # Under --strict-readiness Triton is not ready while it loads a model added to a
+            # polled repository; what the gateway serves is unaffected, so it stays SERVING
+            # while every endpoint it has warmed up is READY and warm.
+            serving = self._ever_warm <= routable
+        else:
+            serving = server_ready and routable == models
+        state = BackendState(server_ready=server_ready, ready_models=routable, serving=serving)
+        self._served = self._served or state.serving
         if state.server_ready != self.state.server_ready:
             log.info("Triton is %s", "ready" if state.server_ready else "NOT ready")
         if state.ready_models != self.state.ready_models:

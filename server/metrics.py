@@ -284,6 +284,10 @@ class ServerMetrics:
             for result in OutcomeResult:
                 self.outcomes.labels(**labels, result=result.value)
 
+    def add_scales(self, scales: Iterable[str]) -> None:
+        """Scales of endpoints added while serving (their ``scale`` label values)."""
+        self._scales = self._scales | frozenset(scales)
+
     def _scale(self, scale: str | None) -> str:
         return scale if scale in self._scales else NO_ROUTE
 

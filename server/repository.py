@@ -132,9 +132,14 @@ def read_endpoint(directory: Path) -> EndpointSpec:
 class Catalog:
     """The endpoints of one repository, looked up by scale, precision and tower."""
 
-    def __init__(self, specs: Iterable[EndpointSpec]):
+    def __init__(self, specs: Iterable[EndpointSpec], repository: Path | None = None):
         self._by_name = {spec.name: spec for spec in specs}
-        self.scales: tuple[str, ...] = tuple(sorted({s.scale for s in self._by_name.values()}))
+        self.repository = Path(repository) if repository is not None else None
+        self.scales: tuple[str, ...] = ()
+        self._rescale()
+
+    def _rescale(self) -> None:
+        self.scales = tuple(sorted({s.scale for s in self._by_name.values()}))
 
     @classmethod
     def from_repository(cls, repository: Path) -> "Catalog":
@@ -156,7 +161,40 @@ class Catalog:
         if not specs:
             raise ValueError(f"model repository {repository} holds no clipserve endpoint "
                              f"(no */{SIDECAR_FILENAME})")
-        return cls(specs)
+        return cls(specs, repository)
+
+    def refresh(self) -> tuple[list[EndpointSpec], list[EndpointSpec]]:
+        """Follow the repository directory while serving: add the endpoints whose directory
+        (with a sidecar) appeared, drop those whose directory is gone. Returns (added,
+        removed). Endpoints already held are not re-read (:meth:`reload_sidecars` does
+        that). A new directory that does not read is logged and skipped (retried at the next
+        refresh); an unreadable repository changes nothing. Calls already holding a dropped
+        spec finish with it; later lookups get NOT_FOUND."""
+        if self.repository is None:
+            return [], []
+        try:
+            present = {child.name: child for child in self.repository.iterdir()
+                       if (child / SIDECAR_FILENAME).is_file()}
+        except OSError as exc:
+            log.error("cannot list model repository %s: %s", self.repository, exc)
+            return [], []
+        added = []
+        for name in sorted(present.keys() - self._by_name.keys()):
+            try:
+                spec = read_endpoint(present[name])
+            except (ValueError, OSError) as exc:
+                log.error("not adding endpoint %s: %s", name, exc)
+                continue
+            self._by_name[name] = spec
+            added.append(spec)
+        removed = [self._by_name.pop(name)
+                   for name in sorted(self._by_name.keys() - present.keys())]
+        if not self._by_name and removed:  # keep serving something rather than nothing
+            log.error("every endpoint left %s; keeping the catalog as it was", self.repository)
+            self._by_name = {spec.name: spec for spec in removed}
+            return [], []
+        self._rescale()
+        return added, removed
 
     def reload_sidecars(self) -> list[str]:
         """Re-read every endpoint's sidecar (``clipserve evaluate --write-sidecars`` writes new

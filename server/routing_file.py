@@ -72,6 +72,19 @@ class RoutingSource:
             self.policy = load_policy(path, default_scale, self._available)
         log.info("routing: %s", _describe(self.policy))
 
+    def set_available(self, available: Collection[Target]) -> None:
+        """The repository's (scale, precision) pairs changed (an endpoint added or removed
+        while serving): re-read the file against them. An arm the current policy still routes
+        to but that is gone gets no traffic (routing skips what cannot serve) and is logged."""
+        self._available = frozenset(available)
+        gone = self.policy.missing(self._available)
+        if gone:
+            log.warning("routing still names %s, no longer in the repository: its share goes "
+                        "to the other arms until the routing file drops it",
+                        ", ".join(f"{s}_{p.value}" for s, p in gone))
+        if self._path is not None:
+            self.reload()
+
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
             stat = self._path.stat()

@@ -147,6 +147,20 @@ def find_tritonserver() -> TritonInstall:
     )
 
 
+def _precompile_models(repository: Path) -> None:
+    """Compile each ``<model>/<version>/model.py`` the stub would compile on its first load:
+    that write into the model's directory makes a polling Triton reload every model once
+    right after start. Best effort (a read-only repository: the stub cannot write either)."""
+    import py_compile
+
+    for path in repository.glob("*/*/model.py"):
+        try:
+            py_compile.compile(str(path), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        except (py_compile.PyCompileError, OSError) as exc:
+            log.debug("not precompiling %s: %s", path, exc)
+
+
 def _read_from(path: Path, offset: int) -> str:
     try:
         with open(path, "rb") as f:
@@ -191,6 +205,7 @@ class TritonProcess:
         metrics_port: int = 0,
         metrics_address: str = HOST,
         log_path: Path | None = None,
+        repository_poll_s: int = 0,
         extra_args: Sequence[str] = (),
     ):
         """Describe the server; nothing starts until ``start()``.
@@ -203,6 +218,9 @@ class TritonProcess:
                 on 127.0.0.1, so inference cannot bypass the gateway (and its API keys).
             log_path: file for Triton's output (appended to); default a file in the temp dir,
                 deleted by ``stop()``.
+            repository_poll_s: above 0, Triton polls the repository every that many seconds
+                and loads, reloads and unloads models as their directories appear, change
+                and go (``--model-control-mode=poll``); 0: the models found at start, fixed.
             extra_args: more ``tritonserver`` flags, appended last so they can override ours.
         """
         self.repository = Path(repository).resolve()
@@ -211,6 +229,7 @@ class TritonProcess:
         self._ports: dict[str, int] = {}
         self._user_log_path = Path(log_path).resolve() if log_path is not None else None
         self.log_path: Path | None = self._user_log_path
+        self.repository_poll_s = int(repository_poll_s)
         self.extra_args = tuple(extra_args)
         self._install: TritonInstall | None = None
         self._proc: subprocess.Popen | None = None
@@ -356,6 +375,8 @@ class TritonProcess:
         # _cleanup() find and unlink the regions of a Triton that was killed.
         self._shm_prefix = f"clipserve_{os.getpid()}_{secrets.token_hex(4)}_"
 
+        if self.repository_poll_s > 0:
+            _precompile_models(self.repository)
         args = [
             str(install.binary),
             f"--model-repository={self.repository}",
@@ -378,6 +399,11 @@ class TritonProcess:
             "--backend-config=python,shm-region-prefix-name=" + self._shm_prefix,
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            # Poll, not explicit: Triton itself follows the directory (added, changed and
+            # removed models, the same for an external Triton given these flags), and an
+            # unload waits for the model's in-flight requests; the gateway only reads.
+            *(("--model-control-mode=poll", f"--repository-poll-secs={self.repository_poll_s}")
+              if self.repository_poll_s > 0 else ()),
             *self.extra_args,
         ]
 
@@ -466,7 +492,8 @@ async def start_child(config) -> "TritonProcess":
     import asyncio
 
     triton = TritonProcess(Path(config.repository), metrics_port=config.triton_metrics_port,
-                           metrics_address=config.triton_metrics_address)
+                           metrics_address=config.triton_metrics_address,
+                           repository_poll_s=config.triton_repository_poll_s)
     log.info("starting tritonserver on %s", config.repository)
     await asyncio.to_thread(triton.start, config.triton_start_timeout_s)
     log.info("tritonserver ready at %s; its metrics at %s", triton.grpc_url, triton.metrics_url)

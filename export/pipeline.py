@@ -215,12 +215,13 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     return context, result
 
 
-def _ood_state_writer(sidecar: Sidecar, live_score: str, fitted):
-    """write_endpoint's ``finish``: the feature-space OOD state the sidecar names, if any."""
+def _ood_state_writer(sidecar: Sidecar, live_score: str, fitted: dict, precision: Precision):
+    """write_endpoint's ``finish``: the feature-space OOD state the sidecar names, if any
+    (``fitted``: the evaluation's per-precision fits; read only when a state is named)."""
     if not sidecar.ood_state:
         return None
-    return lambda directory: cal.save_ood_state(directory / sidecar.ood_state, live_score,
-                                                fitted.ood_states[live_score])
+    state = fitted[precision].ood_states[live_score]
+    return lambda directory: cal.save_ood_state(directory / sidecar.ood_state, live_score, state)
 
 
 def write_model(context: dict, result, precisions, config: ExportConfig, tokenizer_json: Path,
@@ -248,7 +249,7 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             runtime=context["served"][precision, tower][0],
             runtime_options=context["served"][precision, tower][1],
             policy=config.serving_policy(),
-            finish=_ood_state_writer(sidecar, live_score, result.fitted[precision]))
+            finish=_ood_state_writer(sidecar, live_score, result.fitted, precision))
         name = endpoint_name(spec.scale, precision, tower)
         if sidecar.gpu_decode:
             gpu_decode.write(Path(config.repository), name, sidecar, config.max_queue_delay_us)

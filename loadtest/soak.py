@@ -652,15 +652,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def carry_section(old: str, new: str) -> str:
-    """``new`` with the reliability section of ``old`` appended when ``new`` has none (the
-    benchmark rewrites BENCHMARKS.md; the soak's section comes from another command)."""
-    if SECTION_START in new or SECTION_START not in old or SECTION_END not in old:
-        return new
-    section = SECTION_START + old.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END
-    return new.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def replace_section(path: Path, section: str) -> None:
     """Put ``section`` in place of the file's reliability section (or append it)."""
     text = path.read_text() if path.exists() else ""

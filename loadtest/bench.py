@@ -47,7 +47,6 @@ from clipserve.procs import free_port, group_cpu_s, self_cpu_s, start_group, sto
 
 from . import bench_report, roofline, runner
 from . import workload as wl
-from .report import replace_section
 from .bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem, ModelResult, OrtResult,
                             PeerDtype, PeerResult, PrecisionResult, Profile, RunSummary,
                             StackRuns, TritonStats)
@@ -681,24 +680,9 @@ def run(config: BenchConfig) -> BenchResults:
     markdown = bench_report.markdown(results, plots, Path(config.markdown).resolve().parent)
     # BENCHMARKS.md holds other commands' sections too (soak, runtime axis, warm-up, ...):
     # replace only this one, the file's head.
-    write_section(Path(config.markdown), markdown)
+    bench_report.write_section(Path(config.markdown), markdown)
     log(f"wrote {out / 'bench.json'}, {', '.join(str(p) for p in plots)} and {config.markdown}")
     return results
-
-
-SECTION_START = "<!-- bench:start (written by python -m clipserve.loadtest.bench) -->"
-SECTION_END = "<!-- bench:end -->"
-
-
-def write_section(path: Path, markdown: str) -> None:
-    """Put the benchmark's Markdown at the head of ``path`` between its markers, in place of
-    the previous run's, leaving every other section of the file as it is."""
-    section = f"{SECTION_START}\n{markdown.rstrip()}\n{SECTION_END}\n"
-    if path.is_file() and SECTION_START in path.read_text():
-        replace_section(path, section, SECTION_START, SECTION_END)
-    else:  # a new file, or one from before the markers: the section goes first
-        rest = path.read_text() if path.is_file() else ""
-        path.write_text(section + ("\n" + rest if rest else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

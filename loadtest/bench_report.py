@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .report import replace_section
 from .bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem, ModelResult,
                             PrecisionResult, Profile, RunSummary, TritonStats)
 from .stats import SweepPoint, saturation, throughput_at_p99
@@ -590,10 +591,11 @@ def markdown(results: BenchResults | dict, plots: list[Path], base: Path) -> str
         f"{machine.get('python')}, " + ", ".join(f"{k} {v}" for k, v in
                                                  machine.get("versions", {}).items()) + ".",
         f"CPU: {machine.get('cpu_info', {}).get('describe', 'flags not recorded')}.",
-        f"Load average {load_start:.2f} at the start and {load_end:.2f} at the end"
-        + (" (the machine was **not idle**: other work shared the cores, so absolute numbers "
-           "are low and noisy; ratios within the run are the meaningful part)."
-           if max(load_start, load_end) > 1.0 else "."),
+        f"Load average {load_start:.2f} at the start and {load_end:.2f} at the end (the end "
+        "includes the benchmark's own processes)"
+        + (": the machine was **not idle** when it started, other work shared the cores, so "
+           "absolute numbers are low and noisy; ratios within the run are the meaningful part."
+           if load_start > 1.0 else "; it was idle when it started."),
         "",
         "What is measured (all on 127.0.0.1, single-image requests of the same built-in digit "
         "images, encoded as PNG at the model's input size; Triton direct gets the same images "
@@ -602,11 +604,13 @@ def markdown(results: BenchResults | dict, plots: list[Path], base: Path) -> str
         f"- **raw ORT**: onnxruntime in-process on the exported `model.onnx`, batch sizes "
         f"{', '.join(cfg['ort_batches'])}, best kept: the ceiling.",
         f"- **Triton direct**: `tritonclient` gRPC to the same Triton (Python backend running "
-        f"onnxruntime, dynamic batching on), {n} concurrent callers for throughput, 1 for latency.",
+        f"the runtime the export chose per endpoint, onnxruntime or OpenVINO; dynamic batching "
+        f"on), {n} concurrent callers for throughput, 1 for latency.",
         "- **gateway**: the clipserve gateway (`clipserve serve --triton-url`) in front of that "
         "Triton, same load, routed by `x-clip-precision`.",
-        "- **peer**: infinity-emb serving the same architecture with random weights from a local "
-        "Hugging Face directory, in its own virtualenv, same images and callers.",
+        *(["- **peer**: infinity-emb serving the same architecture with random weights from a "
+           "local Hugging Face directory, in its own virtualenv, same images and callers."]
+          if cfg.get("peer", True) else ["- **peer**: not measured in this run (`--no-peer`)."]),
         f"- Closed loops: {cfg['duration']:g} s measured per throughput step, "
         f"{cfg['latency_duration']:g} s per one-caller step, each after {cfg['warmup']:g} s of "
         "warm-up; p50/p99 are nearest-rank over every request in the window.",
@@ -759,6 +763,21 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
+SECTION_START = "<!-- bench:start (written by python -m clipserve.loadtest.bench) -->"
+SECTION_END = "<!-- bench:end -->"
+
+
+def write_section(path: Path, markdown: str) -> None:
+    """Put the benchmark's Markdown at the head of ``path`` between its markers, in place of
+    the previous run's, leaving every other section of the file as it is."""
+    section = f"{SECTION_START}\n{markdown.rstrip()}\n{SECTION_END}\n"
+    if path.is_file() and SECTION_START in path.read_text():
+        replace_section(path, section, SECTION_START, SECTION_END)
+    else:  # a new file, or one from before the markers: the section goes first
+        rest = path.read_text() if path.is_file() else ""
+        path.write_text(section + ("\n" + rest if rest else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Regenerate the plots and the markdown from a saved bench.json."""
     argv = sys.argv[1:] if argv is None else argv
@@ -769,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_json, md = Path(argv[0]), Path(argv[1])
     results = BenchResults.from_dict(json.loads(bench_json.read_text()))
     plots = plot_all(results, bench_json.parent)
-    md.write_text(markdown(results, plots, md.resolve().parent))
+    write_section(md, markdown(results, plots, md.resolve().parent))
     print(f"wrote {md}")
     return 0
 

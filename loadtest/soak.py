@@ -583,9 +583,12 @@ def markdown(results: dict) -> str:
     a = results["analysis"]
     lines = [SECTION_START, "## Reliability: soak, overload, faults", "",
              f"From `{results['command']}` on {m['cpu']} ({m['cores']} cores), "
-             f"**a shared, busy machine**: load average {m['loadavg_start'][0]:.2f} at the "
-             f"start and {m['loadavg_end'][0]:.2f} at the end (other agents' jobs ran "
-             f"alongside). Model {results['scale']}, precisions "
+             f"load average {m['loadavg_start'][0]:.2f} at the start and "
+             f"{m['loadavg_end'][0]:.2f} at the end (the end includes the run's own load; "
+             + ("**other work shared the cores** at the start, so absolute figures are noisy"
+                if m['loadavg_start'][0] > 0.75 * m['cores'] else
+                "the machine was quiet at the start") +
+             f"). Model {results['scale']}, precisions "
              f"{', '.join(cfg['precisions'])} split by the routing file, mix `{cfg['mix']}`, "
              f"one item per call, {cfg['call_timeout_s']:g} s deadlines, "
              f"`--outcome-store-mib {cfg['outcome_store_mib']}`. Plot: "

@@ -450,19 +450,17 @@ def test_cached_export_is_reused_and_flagged_when_the_sources_changed(tmp_path):
 
 
 def test_the_benchmark_replaces_only_its_own_section_of_benchmarks_md(tmp_path):
-    from clipserve.loadtest import bench
-
     path = tmp_path / "BENCHMARKS.md"
-    bench.write_section(path, "# clipserve benchmarks\n\nfirst run\n")
+    bench_report.write_section(path, "# clipserve benchmarks\n\nfirst run\n")
     path.write_text(path.read_text() + "\n<!-- soak:start -->\nsoak figures\n<!-- soak:end -->\n"
                     "\n## Hand-written notes\n\nkept\n")
-    bench.write_section(path, "# clipserve benchmarks\n\nsecond run\n")
+    bench_report.write_section(path, "# clipserve benchmarks\n\nsecond run\n")
     text = path.read_text()
-    assert text.startswith(bench.SECTION_START) and "second run" in text
-    assert "first run" not in text and text.count(bench.SECTION_START) == 1
+    assert text.startswith(bench_report.SECTION_START) and "second run" in text
+    assert "first run" not in text and text.count(bench_report.SECTION_START) == 1
     assert "soak figures" in text and "## Hand-written notes\n\nkept" in text
     # A file from before the markers keeps its content after the new section.
     old = tmp_path / "old.md"
     old.write_text("# notes\n\nsomething\n")
-    bench.write_section(old, "# clipserve benchmarks\n\nrun\n")
-    assert old.read_text().startswith(bench.SECTION_START) and "something" in old.read_text()
+    bench_report.write_section(old, "# clipserve benchmarks\n\nrun\n")
+    assert old.read_text().startswith(bench_report.SECTION_START) and "something" in old.read_text()

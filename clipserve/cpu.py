@@ -70,7 +70,11 @@ class CpuInfo:
         avx512_bf16 avx512_vnni ...); int8: VNNI, bf16: native``."""
         flags = " ".join(sorted(self.flags)) or "no flags read"
         int8 = "VNNI" if self.vnni else "no VNNI (reduce_range)"
+        if "amx_int8" in self.flags:
+            int8 = "AMX-INT8 tiles + VNNI"
         bf16 = "native" if self.bf16_native else "emulated"
+        if "amx_bf16" in self.flags:
+            bf16 = "native (AMX-BF16 tiles)"
         return (f"{self.model}, {self.cores} cores, {self.isa()} ({flags}); int8: {int8}, "
                 f"bf16: {bf16}")
 

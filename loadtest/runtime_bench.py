@@ -135,8 +135,7 @@ def markdown(result: dict) -> str:
              f"CPU: {machine['cpu']['describe']}.",
              f"Load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in machine['loadavg_start'])}"
              f" at the start and {'/'.join(f'{x:.2f}' for x in machine['loadavg_end'])} at the "
-             "end: the cores were shared with other work, so absolute figures are low and noisy; "
-             "the ratios, measured side by side in one run, are the point.", "",
+             f"end: {load_judgement(machine)}", "",
              f"INT8 recipe: {result['int8_info'].get('weights')}, "
              f"{result['int8_info'].get('activations')}.", "",
              *table_lines(result["rows"])]
@@ -221,6 +220,17 @@ def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdow
     write_section(markdown_path, markdown(result))
     log(f"wrote {out / 'runtime_axis.json'} and {markdown_path}")
     return result
+
+
+def load_judgement(machine: dict) -> str:
+    """What the load average says about the run, judged at the start (the end includes the
+    benchmark's own threads), never a fixed sentence."""
+    cores = machine["cpu"].get("cores") or os.cpu_count() or 1
+    if machine["loadavg_start"][0] > 0.75 * cores:
+        return ("other work shared the cores at the start, so absolute figures are low and noisy; "
+                "the ratios, measured side by side in one run, are the point.")
+    return ("the machine was quiet at the start (the end includes the benchmark's own load); "
+            "compare ratios across machines, not absolute figures.")
 
 
 def machine_record(machine, load_start, **extra) -> dict:

@@ -262,9 +262,8 @@ def markdown(result: dict) -> str:
              f"{m['versions'].get('openvino')}.", "",
              f"CPU: {m['cpu']['describe']}; clock {m['clock_ghz']} GHz (/proc/cpuinfo).",
              f"Load average {load(m['loadavg_start'])} at the start and "
-             f"{load(m['loadavg_end'])} at the end (1/5/15 min, 2 cores shared with other "
-             "work): absolute figures are low and noisy; the ratios, measured side by side, are "
-             "the point.", "",
+             f"{load(m['loadavg_end'])} at the end (1/5/15 min): "
+             f"{runtime_bench.load_judgement(m)}", "",
              "| runtime | precision | raw img/s | Triton img/s | gateway img/s | raw / Triton / "
              "gateway vs ORT FP32 | Triton model img/s (its statistics, gateway run) | Triton "
              "avg batch | min cosine to ORT FP32 (served) | gateway GFLOP/s | of its "

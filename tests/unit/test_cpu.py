@@ -44,6 +44,8 @@ def test_faked_flag_sets(tmp_path, flags, isa, vnni, bf16, amx):
         "Test CPU", isa, vnni, bf16, amx)
     assert info.needs_reduce_range is (not vnni)
     assert ("bf16: native" if bf16 else "bf16: emulated") in info.describe()
+    assert ("AMX-BF16 tiles" in info.describe()) is amx
+    assert ("int8: AMX-INT8 tiles" in info.describe()) is amx
     assert info == cpu.detect(path, cgroup_root=tmp_path)
     assert cpu.from_flags(flags.split(), model="Test CPU", cores=info.cores) == info
 

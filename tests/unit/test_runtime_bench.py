@@ -82,3 +82,14 @@ def test_section_replaces_itself_and_keeps_the_rest(tmp_path):
     text = path.read_text()
     assert text.startswith("# title\n\nbefore\n") and "second" in text and "first" not in text
     assert text.count(runtime_bench.START) == 1
+
+
+@pytest.mark.parametrize("load, says", [((0.3, 0.2, 0.1), "quiet at the start"),
+                                        ((1.2, 1.0, 0.5), "quiet at the start"),
+                                        ((1.2, 1.0, 0.5), None),
+                                        ((6.0, 5.0, 4.0), "other work shared the cores")])
+def test_load_is_judged_by_the_start_and_the_cores(load, says):
+    machine = {"cpu": {"cores": 2 if says else 1}, "loadavg_start": load}
+    text = runtime_bench.load_judgement(machine)
+    # 1.2 on 2 cores is quiet (the run's own load is not counted); on 1 core it is shared
+    assert (says or "other work shared the cores") in text

@@ -22,7 +22,7 @@ config.pbtxt parameters (all string values):
   the runtime's default, which is bf16 on CPUs with native bf16, so FP32 endpoints set f32).
 - ``openvino_streams``: NUM_STREAMS (default 1: Triton runs one batch per instance at a time).
 
-The two ``build_*`` functions are also used in-process by the export's measurements
+The ``build_*`` functions are also used in-process by the export's measurements
 (``clipserve.export.runtimes``), so what the export measured is what Triton serves.
 """
 
@@ -94,6 +94,34 @@ def build_openvino(path, precision_hint="", threads=0, streams="1"):
     return run
 
 
+def build_from_config(path, config):
+    """The runner ``config`` (the parsed config.pbtxt, as Triton hands it to ``initialize``)
+    asks for on the ONNX file ``path``: ``(runtime, run)``, with ``runtime`` what really runs
+    (``onnxruntime`` where openvino was asked for but cannot load). Tests use it to compute
+    the reference an endpoint must equal on whatever runtime the export chose for it.
+
+    Raises:
+        ValueError: an unknown ``runtime`` parameter.
+    """
+    threads = int(_parameter(config, "intra_op_threads", "0"))
+    runtime = _parameter(config, "runtime", "onnxruntime")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{config.get('name')}: parameter runtime must be one of "
+                         f"{', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "openvino":
+        try:
+            return runtime, build_openvino(
+                path, _parameter(config, "openvino_precision_hint", ""), threads,
+                _parameter(config, "openvino_streams", "1"))
+        except Exception as exc:  # not installed in this stub's Python, or cannot compile
+            _log_warn(f"{config.get('name')}: runtime openvino unavailable "
+                      f"({type(exc).__name__}: {exc}); falling back to onnxruntime")
+    wanted = _parameter(config, "execution_providers", "CPUExecutionProvider").split(",")
+    return "onnxruntime", build_onnxruntime(
+        path, threads, wanted, int(_parameter(config, "inter_op_threads", "1")),
+        _parameter(config, "allow_spinning", "0") == "1")
+
+
 def _log_warn(message):
     if pb_utils is not None:
         pb_utils.Logger.log_warn(message)
@@ -112,27 +140,8 @@ class TritonPythonModel:
         self.output_name = model_output["name"]
         self.input_dtype = pb_utils.triton_string_to_numpy(model_input["data_type"])
         self.input_dims = tuple(int(d) for d in model_input["dims"])
-        threads = int(_parameter(config, "intra_op_threads", "0"))
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.runtime = _parameter(config, "runtime", "onnxruntime")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"{config.get('name')}: parameter runtime must be one of "
-                             f"{', '.join(RUNTIMES)}, got {self.runtime!r}")
-        self.run = None
-        if self.runtime == "openvino":
-            try:
-                self.run = build_openvino(
-                    path, _parameter(config, "openvino_precision_hint", ""), threads,
-                    _parameter(config, "openvino_streams", "1"))
-            except Exception as exc:  # not installed in this stub's Python, or cannot compile
-                _log_warn(f"{config.get('name')}: runtime openvino unavailable "
-                          f"({type(exc).__name__}: {exc}); falling back to onnxruntime")
-                self.runtime = "onnxruntime"
-        if self.run is None:
-            wanted = _parameter(config, "execution_providers", "CPUExecutionProvider").split(",")
-            self.run = build_onnxruntime(
-                path, threads, wanted, int(_parameter(config, "inter_op_threads", "1")),
-                _parameter(config, "allow_spinning", "0") == "1")
+        self.runtime, self.run = build_from_config(path, config)
         _log_info(f"{config.get('name')}: serving with {self.runtime}")
 
     def _check(self, array):

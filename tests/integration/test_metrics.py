@@ -30,14 +30,15 @@ from clipserve.server.metrics import (Eviction, LabelSet, Method, OutcomeResult,
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
 from clipserve.server.v1 import clipserve_pb2_grpc as pb_grpc
+from tests.integration.reference import served_runner
 from tests.integration.test_gateway import CALL_TIMEOUT_S, GatewayThread, config_for
 
 pytestmark = pytest.mark.integration
 
 PRECISIONS = (Precision.FP32, Precision.INT8)
 BATCH = 64  # images per call: the endpoints' max_batch_size, so one Triton request per call
-# Calls go through Triton, the offline reference through onnxruntime in this process (other
-# thread counts, so other summation orders): a score within float noise of the threshold may
+# Calls go through Triton, the offline reference through the same runtime in this process
+# (other thread counts, so other summation orders): a score within float noise of the threshold may
 # land on the other side. Two images per set is generous for ~1e-6 differences.
 BORDERLINE_IMAGES = 2
 
@@ -152,31 +153,24 @@ class Load:
                                                        result.top_label == truth))
 
     def offline_flagged(self, precision: Precision, images: np.ndarray) -> int:
-        """Images onnxruntime flags on the same model files, in the same batches as the calls
-        (int8's dynamic quantization picks activation scales per batch, so its embeddings
-        depend on which images share a batch), with the same labels, T and threshold."""
-        import onnxruntime as ort
-
+        """Images the served runtime flags on the same model files (onnxruntime or openvino,
+        as config.pbtxt says), in the same batches as the calls (int8's dynamic quantization
+        picks activation scales per batch, so its embeddings depend on which images share a
+        batch), with the same labels, T and threshold."""
         from clipserve.tokenizer import ClipTokenizer
 
         image = self.catalog.get(self.scale, precision, Tower.IMAGE)
         text = self.catalog.get(self.scale, precision, Tower.TEXT)
         car = image.sidecar
 
-        def session(spec):
-            return ort.InferenceSession(str(spec.directory / "1" / "model.onnx"),
-                                        providers=["CPUExecutionProvider"])
-
         prompts = [t.replace("{}", label) for label in car.labels for t in car.prompts]
         ids, _ = ClipTokenizer.from_file(text.tokenizer_path,
                                          text.sidecar.context_length).encode(prompts)
         assert len(ids) <= text.max_batch_size  # one request, as the gateway sends it
-        labels = average_prompts(session(text).run(["embedding"], {"input_ids": ids})[0],
-                                 len(car.labels))
-        image_session = session(image)
-        vectors = np.concatenate([
-            image_session.run(["embedding"], {"pixels": images[i:i + BATCH]})[0]
-            for i in range(0, len(images), BATCH)])
+        labels = average_prompts(served_runner(text)[1]("input_ids", ids), len(car.labels))
+        _, run_image = served_runner(image)
+        vectors = np.concatenate([run_image("pixels", images[i:i + BATCH])
+                                  for i in range(0, len(images), BATCH)])
         cosines = vectors.astype(np.float64) @ labels.astype(np.float64).T
         state = load_ood_state(image.directory / car.ood_state)[1] if car.ood_state else None
         scores = score_ood(car.ood_score, state, vectors, cosines, car.temperature)

@@ -72,6 +72,26 @@ def group_cpu_s(pgid: int) -> float:
     return ticks / _CLK_TCK
 
 
+def _proc_stat_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat's ``cpu`` line."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_cores(seconds: float = 2.0) -> float:
+    """How many cores' worth of CPU the whole machine used over the next ``seconds`` (Linux
+    /proc/stat), in 0..os.cpu_count(). Unlike the load average, which decays over minutes and
+    still shows a job that just ended, this says what runs now."""
+    busy0, total0 = _proc_stat_jiffies()
+    time.sleep(seconds)
+    busy1, total1 = _proc_stat_jiffies()
+    if total1 <= total0:
+        return 0.0
+    return (os.cpu_count() or 1) * (busy1 - busy0) / (total1 - total0)
+
+
 def self_cpu_s() -> float:
     """User+system CPU seconds of this process so far (all its threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)

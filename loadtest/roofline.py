@@ -182,7 +182,7 @@ def clock_ghz(cpuinfo: Path = Path("/proc/cpuinfo")) -> float | None:
         key, sep, value = line.partition(":")
         if sep and key.strip().lower() == "cpu mhz":
             try:
-                return float(value) / 1000.0
+                return round(float(value) / 1000.0, 3)
             except ValueError:
                 return None
     return None

@@ -28,6 +28,7 @@ import numpy as np
 
 from clipserve import calibration as cal
 from clipserve import cpu as cpu_info
+from clipserve import procs
 from clipserve.endpoints import Precision
 
 from . import roofline
@@ -198,9 +199,9 @@ def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdow
         cache: Path, matmul_n: int = 1024, rounds: int = 2, log=print) -> dict:
     """The whole runtime-axis benchmark; returns what it writes to runtime_axis.json."""
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    load_start = os.getloadavg()
+    load_start, busy_start = os.getloadavg(), procs.busy_cores(BUSY_SAMPLE_S)
     machine = cpu_info.detect()
-    log(f"CPU: {machine.describe()}; load {load_start}")
+    log(f"CPU: {machine.describe()}; load {load_start}, {busy_start:.2f} cores busy")
     files, size = export_files(model, cache, log)
     pixels = wl.builtin_pixels(batch, size)
     flops = roofline.onnx_flops(files["fp32"])["total"]
@@ -212,7 +213,7 @@ def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdow
               "command": "python -m clipserve.loadtest.runtime_bench " + " ".join(sys.argv[1:]),
               "config": {"model": model, "batch": batch, "threads": threads, "seconds": seconds,
                          "rounds": rounds, "matmul_n": matmul_n},
-              "machine": machine_record(machine, load_start),
+              "machine": machine_record(machine, load_start, busy_start),
               "image_size": size, "image_gflop": flops / 1e9, "peaks": peaks,
               "int8_info": files["int8_info"], "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -222,26 +223,37 @@ def run(model: str, batch: int, threads: int, seconds: float, out: Path, markdow
     return result
 
 
+BUSY_SAMPLE_S = 2.0
+
+
 def load_judgement(machine: dict) -> str:
-    """What the load average says about the run, judged at the start (the end includes the
-    benchmark's own threads), never a fixed sentence."""
+    """What the machine's load says about the run, judged at the start (the end includes the
+    benchmark's own threads), never a fixed sentence. Judged by the cores measured busy just
+    before the start (``busy_cores_start``) where recorded: the 1-minute load average still
+    shows a job that ended a minute ago. Older records have only the load average."""
     cores = machine["cpu"].get("cores") or os.cpu_count() or 1
-    if machine["loadavg_start"][0] > 0.75 * cores:
-        return ("other work shared the cores at the start, so absolute figures are low and noisy; "
-                "the ratios, measured side by side in one run, are the point.")
-    return ("the machine was quiet at the start (the end includes the benchmark's own load); "
-            "compare ratios across machines, not absolute figures.")
+    busy = machine.get("busy_cores_start")
+    load = machine["loadavg_start"][0] if busy is None else busy
+    how = ("by the load average" if busy is None else
+           f"{busy:.2f} of {cores} cores busy in the {BUSY_SAMPLE_S:g} s before the start")
+    if load > 0.75 * cores:
+        return (f"other work shared the cores at the start ({how}), so absolute figures are low "
+                "and noisy; the ratios, measured side by side in one run, are the point.")
+    return (f"the machine was quiet at the start ({how}; the end includes the benchmark's own "
+            "load); compare ratios across machines, not absolute figures.")
 
 
-def machine_record(machine, load_start, **extra) -> dict:
+def machine_record(machine, load_start, busy_start=None, **extra) -> dict:
     """What a runtime benchmark records of the machine it ran on: the CPU and its flags, how
-    busy it was at the start and the end, and the runtimes' versions."""
+    busy it was at the start (load average, and cores measured busy just before) and the end,
+    and the runtimes' versions."""
     import onnxruntime
 
     from clipserve.export import runtimes
 
     return {"cpu": {**machine.as_dict(), "describe": machine.describe()}, **extra,
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "loadavg_start": load_start, "busy_cores_start": busy_start,
+            "loadavg_end": os.getloadavg(),
             "versions": {"onnxruntime": onnxruntime.__version__,
                          "openvino": runtimes.openvino_version()}}
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from clipserve import calibration as cal
 from clipserve import cpu as cpu_info
+from clipserve import procs
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
 
 from . import roofline, runtime_bench
@@ -316,9 +317,10 @@ def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int
     from .bench import GatewayProcess
 
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), os.getloadavg()
+    busy_start = procs.busy_cores(runtime_bench.BUSY_SAMPLE_S)
     machine = cpu_info.detect()
     ghz = roofline.clock_ghz()
-    log(f"CPU: {machine.describe()}, {ghz} GHz; load {load_start}")
+    log(f"CPU: {machine.describe()}, {ghz} GHz; load {load_start}, {busy_start:.2f} cores busy")
     catalog = Catalog.from_repository(repository)
     scales = sorted({spec.sidecar.scale for spec in catalog})
     if len(scales) != 1:
@@ -386,7 +388,8 @@ def run(repository: Path, work: Path, out: Path, markdown_path: Path, batch: int
               "config": {"repository": str(repository), "scale": scale, "batch": batch,
                          "concurrency": concurrency, "seconds": seconds, "warmup": warmup,
                          "rounds": rounds, "threads": threads, "matmul_n": matmul_n},
-              "machine": runtime_bench.machine_record(machine, load_start, clock_ghz=ghz),
+              "machine": runtime_bench.machine_record(machine, load_start, busy_start,
+                                                           clock_ghz=ghz),
               "image_size": size, "image_gflop": flops / 1e9, "peaks": peaks,
               "raw_rows": raw_rows, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

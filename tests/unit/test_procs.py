@@ -107,3 +107,15 @@ def test_group_cpu_grows_while_a_child_spins_and_self_cpu_counts_this_process():
     while time.process_time() < end:
         pass
     assert procs.self_cpu_s() - start >= 0.09
+
+
+def test_busy_cores_sees_a_spinning_child_and_stays_within_the_cores():
+    n = os.cpu_count() or 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = procs.busy_cores(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # one spinning process keeps about one core busy, whatever else runs here
+    assert 0.7 <= busy <= n + 1e-6, busy

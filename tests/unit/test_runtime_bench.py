@@ -93,3 +93,13 @@ def test_load_is_judged_by_the_start_and_the_cores(load, says):
     text = runtime_bench.load_judgement(machine)
     # 1.2 on 2 cores is quiet (the run's own load is not counted); on 1 core it is shared
     assert (says or "other work shared the cores") in text
+
+
+def test_the_busy_sample_overrides_a_load_average_left_by_a_job_that_just_ended():
+    # 1.5 on 2 cores by the 1-minute average (an export that ended a minute ago), but the
+    # cores measured just before the start were idle: the run was alone
+    machine = {"cpu": {"cores": 2}, "loadavg_start": (1.6, 1.0, 0.5), "busy_cores_start": 0.1}
+    text = runtime_bench.load_judgement(machine)
+    assert "quiet at the start" in text and "0.10 of 2 cores busy" in text
+    machine["busy_cores_start"] = 1.9
+    assert "other work shared the cores" in runtime_bench.load_judgement(machine)

@@ -382,6 +382,21 @@ class Gateway:
         log.info("stopped")
 
 
+def limit_blas_threads(threads: int) -> list[dict]:
+    """Cap numpy's BLAS thread pools (OpenBLAS, MKL, BLIS) at ``threads`` in this process, at
+    run time, with threadpoolctl (environment variables act only before numpy loads, and
+    numpy is loaded by now); 0 leaves them alone. Returns the pools after the change, as
+    threadpoolctl describes them."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if threads > 0:
+        threadpool_limits(limits=threads, user_api="blas")
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    log.info("BLAS thread pools: %s", ", ".join(f"{p.get('internal_api')} {p.get('num_threads')}"
+                                                 for p in pools) or "none found")
+    return pools
+
+
 async def serve(config: ServerConfig, worker: bool = False) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the routing and API key files. Returns an
     exit code. With more than one worker (config.workers; 0: one per available core) this
@@ -396,6 +411,7 @@ async def serve(config: ServerConfig, worker: bool = False) -> int:
         workers = effective_workers(config)
         if workers > 1:
             return await serve_workers(config, workers)
+    limit_blas_threads(config.blas_threads)
     gateway = Gateway(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

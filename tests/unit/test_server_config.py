@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,27 @@ def test_run_reports_a_bad_config_and_exits_2(capsys):
     args = parser.parse_args(["serve", "--port", "99999"])
     assert cli.run(args) == 2
     assert "port must be 0..65535" in capsys.readouterr().err
+
+
+def test_blas_threads_cap_numpys_pools_and_zero_leaves_them():
+    # in a child process: the cap is process-wide and would leak into other tests
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from clipserve.server.app import limit_blas_threads; "
+            "print(json.dumps([p['num_threads'] for p in limit_blas_threads(int(sys.argv[1]))]))")
+
+    def pools(threads):
+        out = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "",
+                                                         "OMP_NUM_THREADS": ""})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    capped = pools(1)
+    assert capped, "numpy's BLAS pool was not found"
+    assert capped == [1] * len(capped)
+    if (os.cpu_count() or 1) > 1:  # 0 leaves the library's default: a thread per core
+        assert max(pools(0)) > 1
+    with pytest.raises(ValueError, match="blas_threads"):
+        ServerConfig(blas_threads=-1)

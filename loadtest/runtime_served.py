@@ -246,7 +246,7 @@ def verdict(rows: list[dict], cpu) -> list[str]:
                      f"**{faithful}**.")
         if got < TARGET_BF16:
             whys.append(why_missed(bf16, TARGET_BF16, peaks))
-    lines += [f"- Why ({w})" for w in whys]
+    lines += [f"- Why ({w}" for w in whys]  # each starts with "runtime precision): "
     return lines
 
 

@@ -62,3 +62,17 @@ def test_a_bad_baseline_is_a_clear_error(tmp_path, capsys):
     bad.write_text("{}")
     assert micro.main(["--calls", "2", "--baseline", str(bad)]) == 2
     assert "cannot read the baseline" in capsys.readouterr().err
+
+
+def test_without_py_spy_the_section_says_there_is_no_profile(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    md = tmp_path / "B.md"
+    assert micro.main(["--calls", "2", "--batches", "1", "--profile", "--markdown", str(md),
+                       "--json", str(tmp_path / "m.json")]) == 0
+    assert "No profile: py-spy not installed." in md.read_text()
+    assert json.loads((tmp_path / "m.json").read_text())["profile"] == {
+        "status": "py-spy not installed"}

@@ -579,7 +579,8 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
         # A fresh onnxruntime session is slow for its first runs (allocations, kernel set-up),
         # and only the first precision measured would pay for it: warm every endpoint first,
         # at every concurrency measured, so each batch size Triton forms has run once.
-        log(f"{scale}: warming every image endpoint")
+        if sweep:
+            log(f"{scale}: warming every image endpoint")
         for p in (precisions if sweep else []):
             model = endpoint_name(scale, p, Tower.IMAGE)
             for c in config.steps:

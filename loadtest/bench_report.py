@@ -615,7 +615,8 @@ def plot_all(results: BenchResults | dict, out: Path) -> list[Path]:
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{scale}: p99 against throughput (labels: concurrent callers)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label without the png sweep
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"{scale}-latency.png"
         fig.savefig(path, dpi=110)
@@ -846,7 +847,10 @@ def workload_lines(rows: list[WorkloadRow], n: int) -> list[str]:
              "one thread of the benchmark's process with the gateway's code; *excl. prep* is "
              "the gateway's measured CPU per item less that. Triton direct's client prepares "
              "its inputs the same way in the load generator's process, so its *client* CPU "
-             "includes prep.", ""]
+             "includes prep. Every process shares the same cores and the direct client is "
+             "one process preparing inputs for every caller, so where preparation is heavy "
+             "(jpeg) that client can be the slower side (gateway/Triton above 100%): compare "
+             "the CPU columns.", ""]
     ran = [r for r in rows if r.result.status == "ok"]
     given = [r for r in ran if r.rate_given]
     measured = [r for r in ran if not r.rate_given and r.rate]

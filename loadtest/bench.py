@@ -135,10 +135,11 @@ class BenchConfig:
         "gateway's decoder, in the load generator's process), so both sides pay for decoding; "
         "--no-direct-decode: decoded once up front, as a client that already holds pixels"))
     gpu_items_per_s: tuple[str, ...] = field(default=(), metadata=_help(
-        "SCALE[:WORKLOAD]=ITEMS_PER_S: the throughput one GPU's Triton is assumed to reach, "
-        "for the report's gateway cores per GPU (e.g. 'ViT-B-32=2500,ViT-B-32:text=20000'); "
-        "not measured here, so it is printed as a given assumption; without one the report "
-        "sizes the gateway for the Triton throughput measured in this run"))
+        "SCALE[:WORKLOAD]=ITEMS_PER_S, or =xFACTOR of the Triton-direct rate measured in the "
+        "run: the throughput one GPU's Triton is assumed to reach, for the report's gateway "
+        "cores per GPU (e.g. 'ViT-B-32=2500,ViT-B-32:text=x40'); not measured here, so the "
+        "report prints it as a given assumption; without one it sizes the gateway for the "
+        "Triton throughput measured in this run"))
     matmul_n: int = field(default=2048, metadata=_help("side of the roofline matmul"))
     reexport: bool = field(default=False, metadata=_help(
         "export again when the export sources changed since the cached export (otherwise the "

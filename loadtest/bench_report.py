@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bench_workloads import GpuRate, gpu_rate, parse_gpu_rates
 from .report import replace_section
 from .bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem, ModelResult,
                             PrecisionResult, Profile, RunSummary, TritonStats, WorkloadResult)
@@ -282,15 +283,16 @@ class WorkloadRow:
 
     The cores assume the gateway's CPU per item stays what it was at N callers here and that
     cores add up linearly (``--workers`` processes): cores = CPU ms per item x rate / 1000.
-    ``rate`` is ``gpu_rate`` when the run was given one (``--gpu-items-per-s``, an assumption,
-    not a measurement), else Triton direct's measured throughput in this run."""
+    ``rate`` is ``gpu_rate``'s when the run was given one (``--gpu-items-per-s``, an
+    assumption, not a measurement: items/s, or a factor of Triton direct's measured
+    throughput), else Triton direct's measured throughput in this run."""
 
     result: WorkloadResult
     triton_n: RunSummary | None
     gateway_n: RunSummary | None
     triton_1: RunSummary | None = None
     gateway_1: RunSummary | None = None
-    gpu_rate: float | None = None
+    gpu_rate: GpuRate | None = None
 
     @property
     def gateway_ratio(self) -> float | None:
@@ -309,7 +311,8 @@ class WorkloadRow:
 
     @property
     def rate(self) -> float | None:
-        return self.gpu_rate or (self.triton_n and self.triton_n.items_per_s) or None
+        measured = (self.triton_n and self.triton_n.items_per_s) or None
+        return self.gpu_rate.items_per_s(measured) if self.gpu_rate else measured
 
     @property
     def rate_given(self) -> bool:
@@ -323,9 +326,7 @@ class WorkloadRow:
         return sum(r.error_count for s in self.result.stacks.values() for r in s.runs.values())
 
 
-def _gpu_rates(results: BenchResults) -> dict[str, float]:
-    from .bench_workloads import parse_gpu_rates
-
+def _gpu_rates(results: BenchResults) -> dict[str, GpuRate]:
     try:
         return parse_gpu_rates(results.config.get("gpu_items_per_s") or ())
     except ValueError:  # a hand-edited bench.json: size for the measured Triton instead
@@ -334,8 +335,6 @@ def _gpu_rates(results: BenchResults) -> dict[str, float]:
 
 def workload_rows(results: BenchResults, model: ModelResult) -> list[WorkloadRow]:
     """The model's workloads (``bench --workloads``) in the order they ran."""
-    from .bench_workloads import gpu_rate
-
     n, rates = results.concurrency, _gpu_rates(results)
     return [WorkloadRow(result=w, triton_n=w.run(TRITON, n), gateway_n=w.run(GATEWAY, n),
                         triton_1=w.run(TRITON, 1), gateway_1=w.run(GATEWAY, 1),
@@ -856,7 +855,7 @@ def workload_lines(rows: list[WorkloadRow], n: int) -> list[str]:
     measured = [r for r in ran if not r.rate_given and r.rate]
     if given:
         lines += ["Cores per GPU, **assumed** rate: " + ", ".join(
-            f"{r.result.name} {r.gpu_rate:g} items/s" for r in given)
+            f"{r.result.name} {r.gpu_rate.describe()}" for r in given)
             + " (given with `--gpu-items-per-s`, not measured in this run)."]
     if measured:
         lines += ["Cores for " + ", ".join(r.result.name for r in measured) + ": at the "

@@ -59,32 +59,52 @@ def check_names(names: Sequence[str]) -> None:
                          f"{', '.join(WORKLOADS)}")
 
 
-def parse_gpu_rates(entries: Sequence[str]) -> dict[str, float]:
-    """``("ViT-B-32=3000", "ViT-B-32:text=20000")`` -> {"ViT-B-32": 3000.0, ...}: items/s
-    one GPU is assumed to serve, by scale or scale:workload (the latter wins).
+@dataclass(frozen=True)
+class GpuRate:
+    """The items/s one GPU's Triton is assumed to serve: ``value`` items/s, or with
+    ``factor`` ``value`` times the Triton-direct throughput measured in the run."""
+
+    value: float
+    factor: bool = False
+
+    def items_per_s(self, measured: float | None) -> float | None:
+        return (self.value * measured if measured else None) if self.factor else self.value
+
+    def describe(self) -> str:
+        return (f"{self.value:g}x the Triton-direct rate measured here" if self.factor
+                else f"{self.value:g} items/s")
+
+
+def parse_gpu_rates(entries: Sequence[str]) -> dict[str, GpuRate]:
+    """``("ViT-B-32=3000", "ViT-B-32:text=x40")`` -> {"ViT-B-32": GpuRate(3000), ...}: the
+    items/s one GPU is assumed to serve, by scale or scale:workload (the latter wins); ``xF``
+    means F times the Triton-direct throughput measured in the run.
 
     Raises:
-        ValueError: an entry that is not KEY=POSITIVE_NUMBER, or an unknown workload.
+        ValueError: an entry that is not KEY=N or KEY=xF with a positive number, or an
+            unknown workload.
     """
     rates = {}
     for entry in entries:
         key, sep, value = entry.partition("=")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
+        factor = value[:1].lower() == "x"
         try:
-            rate = float(value)
+            rate = float(value[1:] if factor else value)
         except ValueError:
             rate = -1.0
         if not sep or not key or not rate > 0:
-            raise ValueError(f"--gpu-items-per-s entries are SCALE[:WORKLOAD]=ITEMS_PER_S with "
-                             f"a positive number, got {entry!r}")
+            raise ValueError(f"--gpu-items-per-s entries are SCALE[:WORKLOAD]=ITEMS_PER_S (or "
+                             f"=xFACTOR of the measured Triton rate) with a positive number, "
+                             f"got {entry!r}")
         if ":" in key:
             check_names([key.split(":", 1)[1]])
-        rates[key] = rate
+        rates[key] = GpuRate(rate, factor)
     return rates
 
 
-def gpu_rate(rates: dict[str, float], scale: str, workload: str) -> float | None:
-    """The assumed GPU items/s for ``workload`` on ``scale`` (None: none given)."""
+def gpu_rate(rates: dict[str, GpuRate], scale: str, workload: str) -> GpuRate | None:
+    """The assumed GPU rate for ``workload`` on ``scale`` (None: none given)."""
     return rates.get(f"{scale}:{workload}", rates.get(scale))
 
 

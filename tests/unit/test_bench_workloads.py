@@ -28,16 +28,19 @@ def test_unknown_workload_names_the_valid_ones():
 
 
 @pytest.mark.parametrize("entry", ["ViT-B-32", "ViT-B-32=", "ViT-B-32=-5", "=300",
-                                   "ViT-B-32:gif=300", "ViT-B-32=fast"])
+                                   "ViT-B-32:gif=300", "ViT-B-32=fast", "ViT-B-32=x",
+                                   "ViT-B-32=x0"])
 def test_bad_gpu_rates_are_rejected_with_the_expected_form(entry):
     with pytest.raises(ValueError, match="SCALE\\[:WORKLOAD\\]=ITEMS_PER_S|unknown workload"):
         BenchConfig(gpu_items_per_s=(entry,))
 
 
 def test_a_workload_specific_gpu_rate_wins_over_the_models():
-    rates = bw.parse_gpu_rates(["ViT-B-32=2500", "ViT-B-32:text=20000"])
-    assert bw.gpu_rate(rates, "ViT-B-32", "jpeg") == 2500.0
-    assert bw.gpu_rate(rates, "ViT-B-32", "text") == 20000.0
+    rates = bw.parse_gpu_rates(["ViT-B-32=2500", "ViT-B-32:text=x40"])
+    assert bw.gpu_rate(rates, "ViT-B-32", "jpeg") == bw.GpuRate(2500.0)
+    text = bw.gpu_rate(rates, "ViT-B-32", "text")
+    assert text == bw.GpuRate(40.0, factor=True) and text.items_per_s(30.0) == 1200.0
+    assert text.items_per_s(None) is None  # a factor of nothing measured is no rate
     assert bw.gpu_rate(rates, "digits-s", "png") is None
 
 
@@ -114,6 +117,11 @@ def test_cores_come_from_the_measured_triton_rate_unless_a_gpu_rate_is_given(tmp
     md = bench_report.markdown(given, [], tmp_path)
     assert "**assumed** rate: jpeg 2500 items/s (given with `--gpu-items-per-s`" in md
     assert "2500 (given) | 10.00 (2.50) |" in md
+    factor = _results(["ViT-B-32:jpeg=x10"])
+    (row, _) = bench_report.analyze(factor).models["ViT-B-32::none"].workloads
+    assert row.rate == 800.0 and row.cores(row.gateway_cpu_ms) == pytest.approx(3.2)
+    assert "jpeg 10x the Triton-direct rate measured here" in bench_report.markdown(
+        factor, [], tmp_path)
 
 
 def test_workloads_round_trip_through_bench_json():

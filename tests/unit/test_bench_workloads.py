@@ -131,3 +131,22 @@ def test_workloads_round_trip_through_bench_json():
     legacy = results.to_dict()
     del legacy["models"]["ViT-B-32::none"]["workloads"]
     assert BenchResults.from_dict(legacy).models["ViT-B-32::none"].workloads == {}
+
+
+def test_the_cpu_targets_why_separates_the_measured_decode():
+    import dataclasses
+
+    from tests.unit.test_loadtest_bench import MEASURED, targets_by_name, typed_results
+
+    results = typed_results(MEASURED)
+    model = results.models["digits-s"]
+    png = WorkloadResult("png", "image", "fp32", prep_ms_per_item=0.07)
+    with_png = dataclasses.replace(results, models={"digits-s": dataclasses.replace(
+        model, workloads={"png": png})})
+    why = targets_by_name(bench_report.analyze(with_png))[
+        "gateway CPU per single-image call at N callers"].why
+    assert "of the gateway's 2.50 ms, decoding the PNG takes 0.070 ms" in why
+    assert "so 2.43 ms is serving" in why
+    why = targets_by_name(bench_report.analyze(results))[
+        "gateway CPU per single-image call at N callers"].why
+    assert "decoding the PNG" not in why  # not measured: not claimed

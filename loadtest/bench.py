@@ -8,12 +8,19 @@ measures, in order:
 1. raw onnxruntime in-process on the exported ``model.onnx`` at several batch sizes (the
    ceiling; the best batch is kept),
 2. Triton directly through ``tritonclient`` (single-image requests, N concurrent callers,
-   dynamic batching on), at 1 caller for latency and N for throughput,
+   dynamic batching on), at 1 caller for latency and N for throughput; the client decodes
+   every call's images itself with the gateway's decoder (``--no-direct-decode``: once, up
+   front), so both sides pay for decoding,
 3. the clipserve gateway in front of the same Triton, same load,
 4. the peer, infinity-emb, serving the same architecture with random weights from a local
    Hugging Face directory, installed into its own virtualenv here (ViT architectures only),
    swept over concurrency like the gateway so the two compare at equal p99,
 
+then, at ``--workload-precision``, the other workloads (``--workloads``, see
+:mod:`.bench_workloads`: 640x480 JPEG photos, EmbedTexts, Classify) on Triton direct and the
+gateway at N callers, with the input preparation (decode, tokenize) timed apart so the report
+can give the gateway's CPU per item with and without it, and the gateway cores one GPU would
+need (at ``--gpu-items-per-s`` when given, else at the Triton throughput measured here);
 plus the roofline (image-tower FLOPs against a large matmul's GFLOP/s), Triton's own batch
 statistics, CPU time per image of each process, and a py-spy profile of the gateway. The
 results are typed (:class:`.bench_results.BenchResults`) and go to ``<out>/bench.json`` and
@@ -46,10 +53,11 @@ from clipserve.endpoints import Precision, Tower, endpoint_name
 from clipserve.procs import free_port, group_cpu_s, self_cpu_s, start_group, stop_group
 
 from . import bench_report, roofline, runner
+from . import bench_workloads as bw
 from . import workload as wl
 from .bench_results import (GATEWAY, TRITON, BenchResults, CpuPerItem, ModelResult, OrtResult,
                             PeerDtype, PeerResult, PrecisionResult, Profile, RunSummary,
-                            StackRuns, TritonStats)
+                            StackRuns, TritonStats, WorkloadResult)
 
 HOST = "127.0.0.1"
 PEER_DTYPES = {"float32": Precision.FP32, "int8": Precision.INT8}
@@ -109,6 +117,29 @@ class BenchConfig:
         "(for A/B comparisons of --gateways on a noisy machine; see loadtest.compare)"))
     profile: bool = field(default=True, metadata=_help(
         "profile the gateway with py-spy during one throughput run"))
+    workloads: tuple[str, ...] = field(default=("png", "jpeg", "text", "classify"),
+                                       metadata=_help(
+        "workloads to run (see bench_workloads): png is the precision sweep of single-image "
+        "EmbedImages of digit PNGs; jpeg (640x480 photos), text (EmbedTexts) and classify "
+        "(Classify) run at --workload-precision; e.g. --workloads jpeg for a quick run"))
+    workload_precision: str = field(default="int8", metadata=_help(
+        "the precision the jpeg/text/classify workloads run at (the fastest CPU precision: "
+        "where the gateway's share of the CPU is largest)"))
+    workload_latency: bool = field(default=False, metadata=_help(
+        "also run the jpeg/text/classify workloads at one caller (latency), --latency-duration "
+        "each; off by default to keep the full run near 20 minutes"))
+    photo_count: int = field(default=16, metadata=_help(
+        "distinct 640x480 JPEG photos the jpeg workload cycles through"))
+    direct_decode: bool = field(default=True, metadata=_help(
+        "the Triton-direct client decodes and resizes every call's images itself (the "
+        "gateway's decoder, in the load generator's process), so both sides pay for decoding; "
+        "--no-direct-decode: decoded once up front, as a client that already holds pixels"))
+    gpu_items_per_s: tuple[str, ...] = field(default=(), metadata=_help(
+        "SCALE[:WORKLOAD]=ITEMS_PER_S, or =xFACTOR of the Triton-direct rate measured in the "
+        "run: the throughput one GPU's Triton is assumed to reach, for the report's gateway "
+        "cores per GPU (e.g. 'ViT-B-32=2500,ViT-B-32:text=x40'); not measured here, so the "
+        "report prints it as a given assumption; without one it sizes the gateway for the "
+        "Triton throughput measured in this run"))
     matmul_n: int = field(default=2048, metadata=_help("side of the roofline matmul"))
     reexport: bool = field(default=False, metadata=_help(
         "export again when the export sources changed since the cached export (otherwise the "
@@ -130,6 +161,11 @@ class BenchConfig:
             raise ValueError(f"gateways must be distinct NAME=FLAGS entries, got "
                              f"{', '.join(self.gateways)}")
         [int(c) for c in self.sweep]
+        bw.check_names(self.workloads)
+        Precision.parse(self.workload_precision)
+        bw.parse_gpu_rates(self.gpu_items_per_s)
+        if self.photo_count < 1:
+            raise ValueError(f"photo_count must be at least 1, got {self.photo_count}")
 
     @property
     def steps(self) -> list[int]:
@@ -382,10 +418,11 @@ def ensure_repository(spec: str, precisions: tuple[str, ...], cache: Path, expor
                       log: Log, reexport: bool = False) -> tuple[Path, bool]:
     """An exported repository for one model, cached under ``<cache>/repositories``.
 
-    Reuses the export made from the current export sources; without one, and unless
-    ``reexport``, the newest export of the same model and precisions from older sources (an
-    export of ViT-B-32 takes many minutes, and most changes to the export stage do not change
-    the ONNX files). Returns (path, whether it was exported from the current sources).
+    Reuses the export made from the current export sources at these precisions or more (the
+    benchmark measures only the precisions asked for); without one, and unless ``reexport``,
+    the newest such export from older sources (an export of ViT-B-32 takes many minutes, and
+    most changes to the export stage do not change the ONNX files). Returns (path, whether it
+    was exported from the current sources).
     """
     from clipserve.export.config import ExportConfig
     from clipserve.export.pipeline import export
@@ -398,16 +435,24 @@ def ensure_repository(spec: str, precisions: tuple[str, ...], cache: Path, expor
     if (path / "report.json").is_file():
         log(f"{spec}: using the exported repository {path}")
         return path, True
-    if not reexport:
-        older = [p for p in root.glob(f"{name}-*") if (p / "report.json").is_file()
-                 and (p / _EXPORT_MARKER).is_file()
-                 and json.loads((p / _EXPORT_MARKER).read_text()).get("precisions")
-                 == list(precisions)]
-        if older:
-            newest = max(older, key=lambda p: p.stat().st_mtime)
-            log(f"{spec}: WARNING: the export sources changed since {newest.name} was exported; "
-                "using it anyway (pass --reexport for a fresh export)")
-            return newest, False
+    # An export of the same model at more precisions serves a run that asks for fewer
+    # (a quick `--precisions int8` run must not re-export ViT-B-32 for half an hour).
+    exported = {p: json.loads((p / _EXPORT_MARKER).read_text())
+                for p in root.glob(f"{name}-*")
+                if (p / "report.json").is_file() and (p / _EXPORT_MARKER).is_file()}
+    covering = {p: m for p, m in exported.items() if m.get("spec", spec) == spec
+                and set(precisions) <= set(m.get("precisions") or ())}
+    current = [p for p, m in covering.items() if m.get("sources") == digest]
+    if current:
+        newest = max(current, key=lambda p: p.stat().st_mtime)
+        log(f"{spec}: using the exported repository {newest} (it has "
+            f"{', '.join(covering[newest]['precisions'])})")
+        return newest, True
+    if not reexport and covering:
+        newest = max(covering, key=lambda p: p.stat().st_mtime)
+        log(f"{spec}: WARNING: the export sources changed since {newest.name} was exported; "
+            "using it anyway (pass --reexport for a fresh export)")
+        return newest, False
     building = path.with_name(path.name + ".partial")
     shutil.rmtree(building, ignore_errors=True)
     log(f"{spec}: exporting at {', '.join(precisions)} (first run only; cached in {path})")
@@ -488,6 +533,8 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
     log(f"{scale}: image tower {flops['total'] / 1e9:.3f} GFLOP per image at {size}x{size}")
     pixels = wl.builtin_pixels(64, size)
     images = [wl.encode_png(p) for p in pixels]
+    workload_precision, workloads, extra_inputs = _plan_workloads(
+        config, catalog, scale, precisions, images, log)
     model_result = {"spec": spec, "scale": scale, "image_size": size,
                     "repository": repository.name, "export_current": current,
                     "image_flops": flops["total"], "flops_by_op": flops["by_op"],
@@ -529,6 +576,7 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
     profile: Profile | None = None
     stack_rounds: dict[str, dict[str, list[dict[int, RunSummary]]]] = {
         p.value: {} for p in precisions}
+    workload_stacks: dict[str, dict[str, StackRuns]] = {}
     try:
         for name, gateway in gateways.items():
             log(f"{scale}: starting the gateway {name} ({' '.join(gateway.extra_args)})")
@@ -537,20 +585,24 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
         groups = {"triton": triton.pid, **{name: g.pid for name, g in gateways.items()}}
         profiled = GATEWAY if GATEWAY in gateways else next(iter(gateways))
         workload = wl.Workload({"image": 1.0}, images)
+        sweep = bw.PNG in config.workloads
         # A fresh onnxruntime session is slow for its first runs (allocations, kernel set-up),
         # and only the first precision measured would pay for it: warm every endpoint first,
         # at every concurrency measured, so each batch size Triton forms has run once.
-        log(f"{scale}: warming every image endpoint")
-        for p in precisions:
+        if sweep:
+            log(f"{scale}: warming every image endpoint")
+        for p in (precisions if sweep else []):
             model = endpoint_name(scale, p, Tower.IMAGE)
             for c in config.steps:
                 warm(lambda m=model: TritonTarget(triton.grpc_url, m, size), workload, c)
+
         def measure_stack(stack: str, factory, load, r: int, i: int, p: Precision,
-                          model: str) -> dict[int, RunSummary]:
+                          model: str, steps: list[int] | None = None,
+                          label: str = "") -> dict[int, RunSummary]:
             """One stack at each of its concurrencies: summaries by concurrency."""
             nonlocal profile
             runs = {}
-            for c in ([1, config.concurrency] if stack == TRITON else config.steps):
+            for c in steps or ([1, config.concurrency] if stack == TRITON else config.steps):
                 duration = config.latency_duration if c == 1 else config.duration
                 profile_this = (stack == profiled and c == config.concurrency and i == 0
                                 and r == 0 and config.profile)
@@ -563,19 +615,21 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
                 runs[c] = summary
                 if profile_this:
                     profile = finish_py_spy(spy, logs / f"py-spy-{scale}.txt", p.value, c)
-                log(f"{scale} {p.value} {stack:7s} c={c:<3d} {summary.items_per_s:8.1f} "
-                    f"items/s  p50 {summary.p50 or 0:8.1f} ms  p99 {summary.p99 or 0:8.1f} ms"
-                    f"  Triton batch {summary.triton_stats.avg_batch or 0:5.2f}"
-                    f"  errors {summary.error_count}")
+                log(f"{scale} {label or p.value} {stack:7s} c={c:<3d} "
+                    f"{summary.items_per_s:8.1f} items/s  p50 {summary.p50 or 0:8.1f} ms  "
+                    f"p99 {summary.p99 or 0:8.1f} ms  Triton batch "
+                    f"{summary.triton_stats.avg_batch or 0:5.2f}  errors {summary.error_count}")
             return runs
 
-        for i, p in enumerate(precisions):
+        for i, p in enumerate(precisions if sweep else []):
             model = endpoint_name(scale, p, Tower.IMAGE)
             rounds = stack_rounds[p.value]
             gw_workload = wl.Workload({"image": 1.0}, images,
                                       metadata=wl.routing_metadata(scale, p.value))
             stacks = {
-                TRITON: (lambda m=model: TritonTarget(triton.grpc_url, m, size), workload),
+                TRITON: (lambda m=model: TritonTarget(triton.grpc_url, m, size,
+                                                      decode_per_call=config.direct_decode),
+                         workload),
                 **{name: (lambda a=g.address: GatewayTarget(a), gw_workload)
                    for name, g in gateways.items()},
             }
@@ -587,6 +641,25 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
             for r in range(config.rounds):
                 for stack in order[r % len(order):] + order[:r % len(order)]:
                     rounds[stack].append(measure_stack(stack, *stacks[stack], r, i, p, model))
+
+        steps = [1, config.concurrency] if config.workload_latency else [config.concurrency]
+        for name, data in extra_inputs.items():
+            wp = workload_precision
+            model = bw.stats_model(name, scale, wp)
+            factories = {TRITON: bw.triton_factory(name, catalog, scale, wp, triton.grpc_url,
+                                                   config.direct_decode),
+                         **{g: (lambda a=gw.address: GatewayTarget(a))
+                            for g, gw in gateways.items()}}
+            loads = {TRITON: data.workload(),
+                     **{g: data.workload(wl.routing_metadata(scale, wp.value))
+                        for g in gateways}}
+            log(f"{scale}: workload {name} at {wp.value}: warming both stacks")
+            for stack, factory in factories.items():
+                warm(factory, loads[stack], config.concurrency)
+            workload_stacks[name] = {
+                stack: StackRuns((measure_stack(stack, factory, loads[stack], 0, -1, wp, model,
+                                                steps, label=f"{name}@{wp.value}"),))
+                for stack, factory in factories.items()}
     finally:
         for gateway in gateways.values():
             gateway.stop()
@@ -594,6 +667,12 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
 
     peer = (bench_peer(model_spec.name, images, config, cache, log)
             if config.peer and config.peer_dtypes else None)
+    if bw.PNG in workloads and stack_rounds.get(workload_precision.value):
+        workload_stacks[bw.PNG] = {name: StackRuns(tuple(r)) for name, r in
+                                   stack_rounds[workload_precision.value].items()}
+    model_result["workloads"] = {
+        name: dataclasses.replace(result, stacks=workload_stacks.get(name, {}))
+        for name, result in workloads.items()}
     return ModelResult(
         **model_result,
         precisions={p: PrecisionResult(model_bytes=size_bytes, ort=ort_result,
@@ -601,6 +680,40 @@ def bench_model(spec: str, config: BenchConfig, cache: Path, out: Path,
                                                stack_rounds.get(p, {}).items()})
                     for p, (size_bytes, ort_result) in ort_results.items()},
         gateways=dict(config.gateway_variants), profile=profile, peer=peer)
+
+
+def _plan_workloads(config: BenchConfig, catalog, scale: str, precisions: list[Precision],
+                    images: list[bytes], log: Log
+                    ) -> tuple[Precision, dict[str, WorkloadResult], dict[str, bw.Inputs]]:
+    """The precision the workloads run at, a result per selected workload (its stacks still
+    empty, its input preparation measured now, or why it is skipped), and the inputs of the
+    non-sweep workloads that will run."""
+    wanted = Precision.parse(config.workload_precision)
+    precision = wanted if wanted in precisions else precisions[0]
+    if precision is not wanted:
+        log(f"{scale}: no {wanted.value} endpoint; the workloads run at {precision.value}")
+    size = catalog.get(scale, precision, Tower.IMAGE).sidecar.image_size
+    results, extra = {}, {}
+    for name in config.workloads:
+        spec = bw.WORKLOADS[name]
+        reason = bw.skip_reason(name, catalog, scale, precision)
+        if reason:
+            log(f"{scale}: workload {name} skipped: {reason}")
+            results[name] = WorkloadResult(name, spec.kind, precision.value, spec.description,
+                                           status="skipped", reason=reason)
+            continue
+        data = bw.inputs(name, images, config.photo_count)
+        tokenizer = (bw.tokenizer_for(catalog, scale, precision) if spec.kind == "text"
+                     else None)
+        prep = bw.prep_ms_per_item(data, size, tokenizer)
+        log(f"{scale}: workload {name}: input preparation {prep:.3f} CPU ms per item "
+            f"(one thread){f', {data.bytes_mean / 1000:.1f} KB per image' if data.images else ''}")
+        results[name] = WorkloadResult(
+            name, spec.kind, precision.value, spec.description, prep_ms_per_item=prep,
+            input_bytes_mean=None if data.bytes_mean is None else round(data.bytes_mean, 1))
+        if name != bw.PNG:
+            extra[name] = data
+    return precision, results, extra
 
 
 def bench_peer(arch: str, images: list[bytes], config: BenchConfig, cache: Path,

@@ -3,7 +3,7 @@ reads them by attribute, and ``bench.json`` is their :meth:`BenchResults.to_dict
 
 The JSON keys are the ones bench.json has always had (``loadtest.compare`` and saved runs read
 them), so :meth:`BenchResults.from_dict` reads old files too: fields a file lacks take their
-defaults (older runs have no ``rounds``, ``gateways``, ``runtime_axis`` or profile).
+defaults (older runs have no ``rounds``, ``gateways``, ``runtime_axis``, ``workloads`` or profile).
 Concurrencies and batch sizes are ints here and strings in JSON (JSON object keys).
 """
 
@@ -299,6 +299,52 @@ class PeerResult:
 
 
 @dataclass(frozen=True)
+class WorkloadResult:
+    """One workload (a kind of call and its inputs, ``bench --workloads``) on one model at one
+    precision: Triton direct (:data:`TRITON`) and the gateway variants, runs by concurrency.
+
+    ``prep_ms_per_item`` is the CPU ms one thread spends turning one input into what Triton
+    takes (decode and resize an image, or tokenize a text), measured in the benchmark's own
+    process with the gateway's code: the part of the gateway's CPU per item that is input
+    preparation rather than serving. ``status`` is "ok", or "skipped" with ``reason``."""
+
+    name: str
+    kind: str  # "image", "text" or "classify" (loadtest.workload.KINDS)
+    precision: str
+    description: str = ""
+    prep_ms_per_item: float | None = None
+    input_bytes_mean: float | None = None
+    stacks: dict[str, StackRuns] = field(default_factory=dict)
+    status: str = "ok"
+    reason: str = ""
+
+    def run(self, stack: str, concurrency: int) -> RunSummary | None:
+        runs = self.stacks.get(stack)
+        return None if runs is None else runs.at(concurrency)
+
+    def to_dict(self) -> dict:
+        data = {"name": self.name, "kind": self.kind, "precision": self.precision,
+                "description": self.description, "status": self.status,
+                "stacks": {k: v.to_dict() for k, v in self.stacks.items()}}
+        for key in ("prep_ms_per_item", "input_bytes_mean"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        if self.reason:
+            data["reason"] = self.reason
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WorkloadResult":
+        return cls(name=data["name"], kind=data["kind"], precision=data.get("precision", ""),
+                   description=data.get("description", ""),
+                   prep_ms_per_item=data.get("prep_ms_per_item"),
+                   input_bytes_mean=data.get("input_bytes_mean"),
+                   stacks={k: StackRuns.from_dict(v)
+                           for k, v in (data.get("stacks") or {}).items()},
+                   status=data.get("status", "ok"), reason=data.get("reason", ""))
+
+
+@dataclass(frozen=True)
 class ModelResult:
     """Everything measured for one model, by precision."""
 
@@ -316,6 +362,7 @@ class ModelResult:
     peer: PeerResult | None = None
     runtime_axis: list[dict] | None = None  # runtime_bench.measure's rows, as they come
     peaks: dict | None = None
+    workloads: dict[str, WorkloadResult] = field(default_factory=dict)  # by workload name
 
     def to_dict(self) -> dict:
         data: dict = {"spec": self.spec, "scale": self.scale, "image_size": self.image_size,
@@ -333,6 +380,8 @@ class ModelResult:
             data["gateway_profile"] = self.profile.to_dict()
         if self.peer is not None:
             data["peer"] = self.peer.to_dict()
+        if self.workloads:
+            data["workloads"] = {k: v.to_dict() for k, v in self.workloads.items()}
         return data
 
     @classmethod
@@ -348,7 +397,9 @@ class ModelResult:
                    gateways={k: tuple(v) for k, v in (data.get("gateways") or {}).items()},
                    profile=Profile.from_dict(profile) if profile else None,
                    peer=PeerResult.from_dict(peer) if peer else None,
-                   runtime_axis=data.get("runtime_axis"), peaks=data.get("peaks"))
+                   runtime_axis=data.get("runtime_axis"), peaks=data.get("peaks"),
+                   workloads={k: WorkloadResult.from_dict(v)
+                              for k, v in (data.get("workloads") or {}).items()})
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,13 @@ against an in-process fake backend, no sockets, no Triton.
 
     python -m clipserve.loadtest.micro --json micro.json
 
+The whole issue-10 measurement, rerun in one command (both embedding widths, the table
+against a saved baseline, a py-spy profile of a second, untimed pass, and its section of
+BENCHMARKS.md, between the ``micro`` markers)::
+
+    python -m clipserve.loadtest.micro --dims 64,512 --baseline benchmarks/micro-before.json \
+        --json benchmarks/micro.json --profile --markdown BENCHMARKS.md
+
 What it measures is the gateway's Python between the handler and the backend and back: routing,
 validation, metric updates, live scoring, decoding small images, building the response. The fake
 backend returns fixed embeddings at once, so Triton's and gRPC's costs are not in the numbers.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -62,6 +70,7 @@ class MicroResult:
     cpu_us_per_call: float
     cpu_us_per_item: float
     wall_us_per_call: float
+    dim: int = 64  # the fake endpoints' embedding width
 
 
 def _write_repository(root: Path) -> None:
@@ -143,8 +152,14 @@ async def _measure(service: ClipService, method: str, request, calls: int,
             (time.perf_counter() - wall0) / calls * 1e6)
 
 
+@functools.lru_cache(maxsize=None)
+def _digit_images(batch: int) -> tuple[bytes, ...]:
+    # Cached: the profiled second pass should sample the calls, not the digits' loading.
+    return tuple((builtin_images(batch, IMAGE_SIZE, seed=0) * batch)[:batch])
+
+
 def _requests(batch: int) -> dict[str, object]:
-    images = (builtin_images(batch, IMAGE_SIZE, seed=0) * batch)[:batch]
+    images = list(_digit_images(batch))
     texts = [f"a photo of the digit {i}" for i in range(batch)]
     return {"EmbedImages": pb.EmbedImagesRequest(images=images),
             "EmbedImages+packed": pb.EmbedImagesRequest(images=images, pack_float32=True),
@@ -208,12 +223,14 @@ async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
                     cpu_us, wall_us = await _measure(service, method, requests[method], n,
                                                      max(3, warmup // batch))
                     results.append(MicroResult(method, batch, n, round(cpu_us, 1),
-                                               round(cpu_us / batch, 1), round(wall_us, 1)))
+                                               round(cpu_us / batch, 1), round(wall_us, 1),
+                                               DIM))
                 for method in CLIENT_METHODS:
                     cpu_us, wall_us = await _measure_client(
                         service, requests[method.removeprefix("client:")], 10 * n)
                     results.append(MicroResult(method, batch, 10 * n, round(cpu_us, 1),
-                                               round(cpu_us / batch, 1), round(wall_us, 1)))
+                                               round(cpu_us / batch, 1), round(wall_us, 1),
+                                               DIM))
         finally:
             background.cancel()
             await asyncio.gather(background, return_exceptions=True)
@@ -223,17 +240,111 @@ async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
 
 def table(results: list[MicroResult]) -> str:
     """Results as a fixed-width text table."""
-    lines = [f"{'method':<26} {'batch':>5} {'calls':>6} {'cpu us/call':>12} {'cpu us/item':>12} "
-             f"{'wall us/call':>13}"]
+    lines = [f"{'method':<26} {'dim':>4} {'batch':>5} {'calls':>6} {'cpu us/call':>12} "
+             f"{'cpu us/item':>12} {'wall us/call':>13}"]
     for r in results:
-        lines.append(f"{r.method:<26} {r.batch:>5} {r.calls:>6} {r.cpu_us_per_call:>12.1f} "
-                     f"{r.cpu_us_per_item:>12.1f} {r.wall_us_per_call:>13.1f}")
+        lines.append(f"{r.method:<26} {r.dim:>4} {r.batch:>5} {r.calls:>6} "
+                     f"{r.cpu_us_per_call:>12.1f} {r.cpu_us_per_item:>12.1f} "
+                     f"{r.wall_us_per_call:>13.1f}")
     return "\n".join(lines)
 
 
+def load_baseline(path: Path) -> tuple[str, dict[tuple[str, int, int], float]]:
+    """A saved ``--json`` file: its label and CPU us per call by (method, dim, batch). Files
+    from before ``--dim`` existed measured digits-s's width, 64.
+
+    Raises:
+        ValueError: unreadable, or not this benchmark's JSON.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        dim = int(data.get("dim", 64))
+        cells = {(r["method"], int(r.get("dim", dim)), int(r["batch"])):
+                 float(r["cpu_us_per_call"]) for r in data["results"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the baseline {path}: {exc}") from None
+    return data.get("label") or str(path), cells
+
+
+SECTION_START = "<!-- micro:start (written by python -m clipserve.loadtest.micro) -->"
+SECTION_END = "<!-- micro:end -->"
+
+
+def markdown(results: list[MicroResult], *, command: str, machine: str,
+             baseline: tuple[str, dict] | None = None, profile: dict | None = None) -> str:
+    """The BENCHMARKS.md section: the table (against ``baseline`` when given) and the
+    profile's self time by area, with the command that made them."""
+    lines = [SECTION_START, "## Servicer microbenchmark (issue 10, part 1)", "",
+             "Rerun with:", "", "```bash", command, "```", "",
+             f"{machine} The gateway's Python alone, in process, against a fake backend that "
+             "answers at once (no sockets, no Triton): CPU us per call is `time.process_time` "
+             "of every thread over the calls made. `client:` rows are the client's parse and "
+             "decode of the serialized response. The machine may be shared: compare rows of "
+             "one run, and the baseline with care.", ""]
+    header = ["method", "dim", "batch", "CPU us/call", "CPU us/item", "wall us/call"]
+    if baseline:
+        header += [f"baseline ({baseline[0]}) CPU us/call", "now / baseline"]
+    rows = []
+    for r in results:
+        row = [r.method, str(r.dim), str(r.batch), f"{r.cpu_us_per_call:.1f}",
+               f"{r.cpu_us_per_item:.1f}", f"{r.wall_us_per_call:.1f}"]
+        if baseline:
+            before = baseline[1].get((r.method, r.dim, r.batch))
+            row += (["-", "-"] if before is None else
+                    [f"{before:.1f}", f"{r.cpu_us_per_call / before:.2f}"])
+        rows.append(row)
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+    if profile is not None:
+        if profile.get("samples"):
+            areas = ", ".join(f"{k} {v:.0f}%" for k, v in profile["by_area"].items())
+            lines += [f"py-spy over a second, untimed pass of the same calls "
+                      f"({profile['samples']} busy samples; {profile['idle_samples']} waiting "
+                      f"ones left out): self time by area: {areas}. Top functions:", ""]
+            lines += [f"- {name}: {pct:.1f}%" for name, pct in profile["top_self"]]
+        else:
+            lines.append(f"No profile: {profile.get('status', 'no samples')}.")
+        lines.append("")
+    lines.append(SECTION_END)
+    return "\n".join(lines) + "\n"
+
+
+def _profile(again, out: Path) -> dict:
+    """Run ``again()`` (an untimed pass of the same cells) with py-spy attached to this
+    process, so start-up and imports are not in the samples, and summarise them; a dict whose
+    status says why when py-spy is missing or fails."""
+    import shutil
+    import signal
+    import subprocess
+
+    from .bench_report import summarize_collapsed
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        return {"status": "py-spy not installed"}
+    out.unlink(missing_ok=True)
+    spy = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", "250",
+                            "--format", "raw", "--output", str(out), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # attached before the calls start
+    try:
+        again()
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        try:
+            _, err = spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            return {"status": "py-spy did not finish"}
+    if not out.is_file():
+        return {"status": f"py-spy failed: {(err or '').strip()[-300:]}"}
+    return {"status": "ok", **summarize_collapsed(out.read_text())}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the microbenchmark, print the table, optionally write JSON."""
-    global DIM  # --dim sets the fake endpoints' width for this run
+    """Run the microbenchmark, print the table, optionally write JSON and BENCHMARKS.md."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m clipserve.loadtest.micro",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results and machine here")
@@ -243,32 +354,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=DIM,
                         help="embedding dimension of the fake endpoints (64: digits-s, "
                              "512: ViT-B-32)")
+    parser.add_argument("--dims", default="",
+                        help="comma-separated dimensions, each measured in turn (overrides "
+                             "--dim), e.g. 64,512")
     parser.add_argument("--outcome-sample-fraction", type=float, default=1.0,
                         help="the server's outcome_sample_fraction (1: store every prediction)")
     parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's coalesce setting (calls here never overlap: this "
                              "measures what the coalescer costs a call that goes straight on)")
+    parser.add_argument("--baseline", type=Path,
+                        help="a saved --json run to compare with (e.g. "
+                             "benchmarks/micro-before.json)")
+    parser.add_argument("--markdown", type=Path,
+                        help="write the table (and profile) as this file's micro section")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a second, untimed pass with py-spy (raw samples next to "
+                             "--json, or in the working directory)")
     args = parser.parse_args(argv)
-    batches = tuple(int(b) for b in args.batches.split(","))
-    DIM = args.dim
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+        dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else (args.dim,)
+        baseline = load_baseline(args.baseline) if args.baseline else None
+    except ValueError as exc:
+        print(f"micro: {exc}", file=sys.stderr)
+        return 2
+    if any(d < 1 for d in dims) or any(b < 1 for b in batches) or args.calls < 1:
+        print("micro: --dims, --batches and --calls must be positive", file=sys.stderr)
+        return 2
     info = cpu.detect()
     load_before = os.getloadavg()
-    results = asyncio.run(run(batches, args.calls,
-                              outcome_sample_fraction=args.outcome_sample_fraction,
-                              coalesce=args.coalesce))
+
+    def measure_all() -> list[MicroResult]:
+        global DIM
+        out = []
+        for dim in dims:
+            DIM = dim
+            out += asyncio.run(run(batches, args.calls,
+                                   outcome_sample_fraction=args.outcome_sample_fraction,
+                                   coalesce=args.coalesce))
+        return out
+    results = measure_all()
     load_after = os.getloadavg()
-    print(f"CPU: {info.model} ({info.cores} cores usable; {info.isa()}); "
-          f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    machine = (f"CPU: {info.model} ({info.cores} cores usable; {info.isa()}); "
+               f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}.")
+    print(machine)
     print(table(results))
+    profile = None
+    if args.profile:
+        raw = (args.json.with_suffix(".py-spy.txt") if args.json
+               else Path("micro.py-spy.txt"))
+        profile = _profile(measure_all, raw)
+        print(f"profile: {profile['status']}"
+              + (f", {profile['samples']} busy samples: {profile['by_area']}"
+                 if profile.get("samples") else ""))
     if args.json:
         args.json.write_text(json.dumps({
             "label": args.label, "outcome_sample_fraction": args.outcome_sample_fraction,
-            "dim": args.dim, "coalesce": args.coalesce,
+            "dim": dims[0], "dims": list(dims), "coalesce": args.coalesce,
             "cpu": {"model": info.model, "cores": info.cores,
-                                         "flags": sorted(info.flags)},
+                    "flags": sorted(info.flags)},
             "python": sys.version.split()[0],
             "loadavg_before": load_before, "loadavg_after": load_after,
+            **({"profile": profile} if profile is not None else {}),
             "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    if args.markdown:
+        from .report import replace_section
+
+        command = "python -m clipserve.loadtest.micro " + " ".join(argv)
+        replace_section(args.markdown, markdown(results, command=command, machine=machine,
+                                                baseline=baseline, profile=profile),
+                        SECTION_START, SECTION_END)
+        print(f"wrote the micro section of {args.markdown}")
     return 0
 
 

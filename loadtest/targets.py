@@ -188,18 +188,33 @@ class HttpGatewayTarget:
 
 
 class TritonTarget:
-    """One Triton model directly, through ``tritonclient.grpc.aio``: what a client without the
-    gateway would do. Images are decoded and resized once, up front, as such a client would
-    send ready pixels (uint8 NHWC); text calls are not supported.
+    """Triton directly, through ``tritonclient.grpc.aio``: what a client without the gateway
+    would do, for image, text and classify calls.
+
+    Images: with ``decode_per_call`` the client decodes and resizes every call's encoded
+    images itself, through the gateway's own :class:`~clipserve.server.images.ImageDecoder`
+    (small calls inline, others one thread-pool job, the same reduced-scale JPEG decode), so
+    a comparison with the gateway charges both sides the same decode; without it each
+    distinct image is decoded once and its pixels reused (a client that already holds
+    pixels). Texts: tokenized per call with ``tokenizer`` and sent to ``text_model``.
+    Classify: the image embeddings scored against the label set (``labels`` x ``prompts``,
+    embedded once through ``text_model``, prompt-averaged) with a softmax at
+    ``temperature``, as the gateway scores them.
 
     Args:
         url: Triton's gRPC ``host:port``.
-        model: Triton model name (an image endpoint).
+        model: Triton model name of the image endpoint ("" for a text-only target).
         image_size: the model's input side.
         timeout_s: deadline of every call.
+        decode_per_call: decode every call's images (see above).
+        text_model, tokenizer: the text endpoint and its tokenizer (text and classify calls).
+        labels, prompts, temperature: the classify label set and scoring (classify calls).
     """
 
-    def __init__(self, url: str, model: str, image_size: int, timeout_s: float = 30.0):
+    def __init__(self, url: str, model: str, image_size: int, timeout_s: float = 30.0, *,
+                 decode_per_call: bool = False, text_model: str = "", tokenizer=None,
+                 labels: tuple[str, ...] = (), prompts: tuple[str, ...] = ("{}",),
+                 temperature: float = 1.0):
         import tritonclient.grpc.aio as triton_aio
 
         self._aio = triton_aio
@@ -207,35 +222,88 @@ class TritonTarget:
         self.model = model
         self.image_size = image_size
         self.timeout_s = timeout_s
+        self.decode_per_call = decode_per_call
+        self.text_model, self._tokenizer = text_model, tokenizer
+        self.labels, self.prompts, self.temperature = tuple(labels), tuple(prompts), temperature
         self._client = triton_aio.InferenceServerClient(url)
         self._pixels: dict[bytes, np.ndarray] = {}
+        self._decoder = None
+        self._label_emb: np.ndarray | None = None
 
-    def _batch(self, images: tuple[bytes, ...]) -> np.ndarray:
+    async def _batch(self, images: tuple[bytes, ...]) -> np.ndarray:
         from clipserve.server.images import preprocess
 
+        if self.decode_per_call:
+            if self._decoder is None:
+                import os
+
+                from clipserve.server.images import ImageDecoder
+
+                workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+                    else (os.cpu_count() or 1)
+                self._decoder = ImageDecoder(workers, 8 * workers, 1 << 26, 1 << 28)
+            return await self._decoder.decode(images, self.image_size)
         for data in images:
             if data not in self._pixels:
                 self._pixels[data] = preprocess(data, self.image_size, max_bytes=1 << 26,
                                                 max_pixels=1 << 28)
         return np.stack([self._pixels[d] for d in images])
 
+    async def _infer(self, model: str, name: str, batch: np.ndarray, dtype: str) -> np.ndarray:
+        infer_input = self._aio.InferInput(name, list(batch.shape), dtype)
+        infer_input.set_data_from_numpy(batch)
+        result = await self._client.infer(model, [infer_input],
+                                          outputs=[self._aio.InferRequestedOutput("embedding")],
+                                          client_timeout=self.timeout_s)
+        return result.as_numpy("embedding")
+
+    async def _embed_texts(self, texts) -> np.ndarray:
+        from clipserve.endpoints import TEXT_INPUT
+
+        if self._tokenizer is None or not self.text_model:
+            raise ValueError("TritonTarget needs text_model and tokenizer for text calls")
+        ids, _ = self._tokenizer.encode(list(texts))
+        return await self._infer(self.text_model, TEXT_INPUT, ids.astype(np.int32), "INT32")
+
+    async def _label_embeddings(self) -> np.ndarray:
+        from clipserve.calibration import average_prompts
+
+        if self._label_emb is None:  # once per target, as the gateway's label cache
+            if not self.labels:
+                raise ValueError("TritonTarget needs labels for classify calls")
+            texts = [t.replace("{}", label) for label in self.labels for t in self.prompts]
+            self._label_emb = average_prompts(await self._embed_texts(texts), len(self.labels))
+        return self._label_emb
+
+    async def result(self, call: Call) -> np.ndarray:
+        """What the call computes: embeddings [n, D] (image, text) or label probabilities
+        [n, labels] (classify). Raises InferenceServerException when Triton fails it."""
+        from clipserve.endpoints import IMAGE_INPUT
+
+        if call.kind == "text":
+            return await self._embed_texts(call.texts)
+        labels = await self._label_embeddings() if call.kind == "classify" else None
+        embedding = await self._infer(self.model, IMAGE_INPUT, await self._batch(call.images),
+                                      "UINT8")
+        if labels is None:
+            return embedding
+        from clipserve.calibration import label_cosines, softmax
+
+        return softmax(label_cosines(embedding, labels), self.temperature)
+
     async def send(self, call: Call) -> tuple[str, str]:
         from tritonclient.utils import InferenceServerException
 
-        if call.kind != "image":
-            raise ValueError("TritonTarget sends image calls only")
-        batch = self._batch(call.images)
-        infer_input = self._aio.InferInput("pixels", list(batch.shape), "UINT8")
-        infer_input.set_data_from_numpy(batch)
+        model = self.text_model if call.kind == "text" else self.model
         try:
-            await self._client.infer(self.model, [infer_input],
-                                     outputs=[self._aio.InferRequestedOutput("embedding")],
-                                     client_timeout=self.timeout_s)
+            await self.result(call)
         except InferenceServerException as exc:
-            return self.model, (exc.status() or "UNKNOWN").rsplit(".", 1)[-1]
-        return self.model, OK
+            return model, (exc.status() or "UNKNOWN").rsplit(".", 1)[-1]
+        return model, OK
 
     async def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
         await self._client.close()
 
 

@@ -100,6 +100,69 @@ def builtin_images(count: int = 64, size: int = 64, seed: int = 0) -> list[bytes
     return [encode_png(p) for p in builtin_pixels(count, size, seed)]
 
 
+def synthetic_photo(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 [height, width, 3] scene, made offline (no download): a sky and a
+    ground gradient meeting at a random horizon, low-frequency texture, soft-edged objects,
+    vignetting and sensor noise. Its JPEG compresses like a camera photo (q90: about
+    100-150 KB at 640x480), unlike a flat test card."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = height * rng.uniform(0.35, 0.65) + height * 0.05 * np.sin(
+        x / width * rng.uniform(2, 6) + rng.uniform(0, 6))
+    sky_top, sky_low = rng.uniform(60, 220, 3), rng.uniform(150, 255, 3)
+    ground_near, ground_far = rng.uniform(20, 120, 3), rng.uniform(60, 180, 3)
+    t_sky = (y / np.maximum(horizon, 1))[..., None].clip(0, 1)
+    t_ground = ((y - horizon) / np.maximum(height - horizon, 1))[..., None].clip(0, 1)
+    scene = np.where((y < horizon)[..., None], sky_top + (sky_low - sky_top) * t_sky,
+                     ground_far + (ground_near - ground_far) * t_ground)
+    # Texture at a few scales: bilinear-upsampled noise (grass, clouds, walls).
+    for cells, amplitude in ((8, 18.0), (32, 10.0), (128, 10.0), (320, 20.0)):
+        coarse = rng.normal(0, 1, (cells * height // width + 2, cells + 2, 3)).astype(np.float32)
+        layer = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize(
+            (width, height), Image.Resampling.BILINEAR)) for c in range(3)], axis=-1)
+        scene += amplitude * layer
+    img = Image.fromarray(np.clip(scene, 0, 255).astype(np.uint8))
+    objects = Image.new("RGB", (width, height))
+    mask = Image.new("L", (width, height))
+    draw, draw_mask = ImageDraw.Draw(objects), ImageDraw.Draw(mask)
+    for _ in range(int(rng.integers(5, 10))):
+        cx, cy = rng.uniform(0, width), rng.uniform(height * 0.3, height)
+        rx, ry = rng.uniform(width / 30, width / 6), rng.uniform(height / 30, height / 5)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        box = (cx - rx, cy - ry, cx + rx, cy + ry)
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=colour)
+            draw_mask.ellipse(box, fill=255)
+        else:
+            draw.rectangle(box, fill=colour)
+            draw_mask.rectangle(box, fill=255)
+    img.paste(objects.filter(ImageFilter.GaussianBlur(1.5)), (0, 0),
+              mask.filter(ImageFilter.GaussianBlur(2.5)))
+    r2 = ((x - width / 2) / width) ** 2 + ((y - height / 2) / height) ** 2
+    out = np.asarray(img, dtype=np.float32) * (1 - 0.6 * r2)[..., None]
+    out += rng.normal(0, 8.0, out.shape)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    """uint8 [H, W, 3] -> baseline JPEG bytes (4:2:0, as cameras and browsers write)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def photo_jpegs(count: int = 16, width: int = 640, height: int = 480, quality: int = 90,
+                seed: int = 0) -> list[bytes]:
+    """``count`` distinct :func:`synthetic_photo` scenes as JPEG: the photo workload (real
+    traffic is camera JPEGs much larger than the model input, not PNGs at its size)."""
+    return [encode_jpeg(synthetic_photo(width, height, seed + i), quality)
+            for i in range(count)]
+
+
 def folder_images(folder: Path, limit: int = MAX_FOLDER_IMAGES) -> list[bytes]:
     """The image files in ``folder`` (JPEG/PNG/WebP by suffix, sorted, at most ``limit``).
 

@@ -132,3 +132,49 @@ def test_rate_sweep_reports_each_step_and_the_knee(ab_gateway, tmp_path):
     assert sweep["kind"] == "rate" and sweep["knee"]["first_over_slo"] is None
     assert sweep["saturation"]["items_per_s"] > 0
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+# -- Triton direct does what the gateway does (the benchmark's fair baseline) -----------------
+
+def test_triton_direct_targets_compute_what_the_gateway_returns(ab_gateway, repository, triton):
+    """The benchmark's Triton-direct client decodes JPEGs, tokenizes texts and scores labels
+    itself: its results must be the gateway's, or the comparison would time different work."""
+    import asyncio
+
+    import numpy as np
+
+    from clipserve.endpoints import Precision, Tower
+    from clipserve.loadtest import bench_workloads as bw
+    from clipserve.loadtest.workload import Call, builtin_images
+    from clipserve.server.repository import Catalog
+    from clipserve.server.v1 import clipserve_pb2 as pb
+
+    catalog = Catalog.from_repository(repository)
+    fp32 = Precision.FP32
+    assert bw.skip_reason("classify", catalog, SCALE, fp32) == ""
+    photo = tuple(bw.inputs("jpeg", [], photo_count=2).images)
+    size = catalog.get(SCALE, fp32, Tower.IMAGE).sidecar.image_size
+    digit = (builtin_images(1, size)[0],)
+    text = ("a photo of the digit 3",)
+    md = (("x-clip-scale", SCALE), ("x-clip-precision", "fp32"))
+
+    async def direct(name, call):
+        target = bw.triton_factory(name, catalog, SCALE, fp32, triton.grpc_url)()
+        try:
+            assert (await target.send(call))[1] == "OK"
+            return await target.result(call)
+        finally:
+            await target.close()
+
+    image_emb = asyncio.run(direct("jpeg", Call("image", photo, (), (), 0)))
+    text_emb = asyncio.run(direct("text", Call("text", (), text, (), 0)))
+    probs = asyncio.run(direct("classify", Call("classify", digit, (), (), 0)))
+
+    got = ab_gateway.embed.EmbedImages(pb.EmbedImagesRequest(images=photo), metadata=md)
+    np.testing.assert_allclose(image_emb, [e.values for e in got.embeddings], atol=2e-5)
+    got = ab_gateway.embed.EmbedTexts(pb.EmbedTextsRequest(texts=text), metadata=md)
+    np.testing.assert_allclose(text_emb, [e.values for e in got.embeddings], atol=2e-5)
+    got = ab_gateway.classify.Classify(pb.ClassifyRequest(images=digit), metadata=md)
+    np.testing.assert_allclose(probs, [c.probabilities for c in got.results], atol=1e-4)
+    assert probs.argmax(axis=1).tolist() == [c.top_index for c in got.results]
+

@@ -464,3 +464,27 @@ def test_the_benchmark_replaces_only_its_own_section_of_benchmarks_md(tmp_path):
     old.write_text("# notes\n\nsomething\n")
     bench_report.write_section(old, "# clipserve benchmarks\n\nrun\n")
     assert old.read_text().startswith(bench_report.SECTION_START) and "something" in old.read_text()
+
+
+def test_an_export_at_more_precisions_serves_a_run_that_asks_for_fewer(tmp_path):
+    from clipserve.loadtest.bench import ensure_repository, sources_digest
+
+    root = tmp_path / "repositories"
+
+    def exported(folder, precisions, sources, spec="ViT-B-32::none"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "report.json").write_text("{}")
+        (root / folder / "bench-export.json").write_text(json.dumps(
+            {"spec": spec, "precisions": precisions, "sources": sources}))
+        return root / folder
+
+    older = exported("ViT-B-32-none-000000000001", ["fp32", "int8"], "old")
+    lines = []
+    assert ensure_repository("ViT-B-32::none", ("int8",), tmp_path, tmp_path,
+                             lines.append) == (older, False)
+    current = exported("ViT-B-32-none-000000000002", ["fp32", "fp16", "int8", "int4"],
+                       sources_digest())
+    exported("ViT-B-32-none-000000000003", ["int8"], sources_digest(), spec="other")
+    assert ensure_repository("ViT-B-32::none", ("int8", "fp16"), tmp_path, tmp_path,
+                             lines.append, reexport=True) == (current, True)
+    assert "it has fp32, fp16, int8, int4" in lines[-1]

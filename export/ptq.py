@@ -235,7 +235,9 @@ def int8_endpoint(src, dst, tower: Tower, probe: CalibrationProbe, batches: list
     names = recipes.int8_candidates(config.int8_method)
 
     def cache(recipe):
-        return None if recipe.dynamic else work / f"calib_{recipe.calibrator}_{tower.value}.json"
+        if recipe.dynamic:
+            return None
+        return work / f"calib_{recipe.calibrator}{'-sq' if recipe.smooth else ''}_{tower.value}.json"
 
     def build(name):
         recipe = recipes.Int8Recipe.parse(name)

@@ -24,22 +24,24 @@ _PERCENTILE = re.compile(r"^p(\d{2}(?:\.\d+)?)$")
 @dataclass(frozen=True)
 class Int8Recipe:
     """One INT8 method. Names: ``dynamic`` (activation scales per batch at run time) or
-    ``static-<calibrator>[-sym][-pertensor]``: Q/DQ with activation ranges calibrated by
+    ``static-<calibrator>[-sym][-pertensor][-sq]``: Q/DQ with activation ranges calibrated by
     ``minmax``, ``entropy`` or a percentile ``pNN.NN``; ``-sym``: int8 activations with zero
     point 0 (otherwise uint8, asymmetric); ``-pertensor``: one weight scale per tensor
-    (otherwise per output channel)."""
+    (otherwise per output channel); ``-sq``: SmoothQuant first (alpha 0.5: activation
+    outliers moved into the weights; needs onnx-neural-compressor)."""
 
     dynamic: bool = False
     calibrator: str = "p99.99"
     symmetric: bool = False
     per_channel: bool = True
+    smooth: bool = False
 
     @property
     def name(self) -> str:
         if self.dynamic:
             return "dynamic" + ("" if self.per_channel else "-pertensor")
         return ("static-" + self.calibrator + ("-sym" if self.symmetric else "")
-                + ("" if self.per_channel else "-pertensor"))
+                + ("" if self.per_channel else "-pertensor") + ("-sq" if self.smooth else ""))
 
     @classmethod
     def parse(cls, name: str) -> "Int8Recipe":
@@ -49,15 +51,16 @@ class Int8Recipe:
         parts = [p for p in parts if p != "pertensor"]
         if parts == ["dynamic"]:
             return cls(dynamic=True, per_channel=per_channel)
-        symmetric = "sym" in parts
-        parts = [p for p in parts if p != "sym"]
+        symmetric, smooth = "sym" in parts, "sq" in parts
+        parts = [p for p in parts if p not in ("sym", "sq")]
         if len(parts) == 2 and parts[0] == "static":
             calibrator = parts[1]
             match = _PERCENTILE.match(calibrator)
             if calibrator in INT8_CALIBRATORS or (match and 90 < float(match[1]) < 100):
-                return cls(calibrator=calibrator, symmetric=symmetric, per_channel=per_channel)
+                return cls(calibrator=calibrator, symmetric=symmetric, per_channel=per_channel,
+                           smooth=smooth)
         raise ValueError(
-            f"unknown int8 method {name!r}; valid: auto, dynamic, static-CAL[-sym][-pertensor] "
+            f"unknown int8 method {name!r}; valid: auto, dynamic, static-CAL[-sym][-pertensor][-sq] "
             f"with CAL one of {', '.join(INT8_CALIBRATORS)} or a percentile like p99.99 "
             f"(e.g. static-entropy, static-p99.999-sym)")
 
@@ -77,7 +80,8 @@ class Int8Recipe:
         if self.dynamic:
             return "uint8 per-tensor, dynamic"
         kind = "int8 symmetric" if self.symmetric else "uint8 asymmetric"
-        return f"{kind} per-tensor, calibrated ({self.calibrator})"
+        smooth = ", after SmoothQuant (alpha 0.5)" if self.smooth else ""
+        return f"{kind} per-tensor, calibrated ({self.calibrator}){smooth}"
 
 
 # The candidates ``--int8-method auto`` measures: bounded (each costs a calibration pass, a
@@ -168,8 +172,20 @@ def int8_candidates(method: str) -> list[str]:
 
     Raises ValueError for an unknown name."""
     if method == "auto":
-        return list(INT8_AUTO_CANDIDATES)
+        return list(INT8_AUTO_CANDIDATES) + (
+            [SMOOTHQUANT_AUTO_CANDIDATE] if smoothquant_available() else [])
     return [Int8Recipe.parse(method).name]
+
+
+# Measured by auto only where onnx-neural-compressor is installed (the smoothquant extra).
+SMOOTHQUANT_AUTO_CANDIDATE = "static-p99.99-sq"
+
+
+def smoothquant_available() -> bool:
+    """Whether SmoothQuant's library (onnx-neural-compressor) is installed here."""
+    import importlib.util
+
+    return importlib.util.find_spec("onnx_neural_compressor") is not None
 
 
 def int4_candidates(method: str, block_size: int = 32) -> list[str]:

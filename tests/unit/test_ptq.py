@@ -51,7 +51,7 @@ def _mean_cos(src, dst, inputs):
 # -- names ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [*recipes.INT8_AUTO_CANDIDATES, "static-p99.9-sym-pertensor",
-                                  "dynamic-pertensor"])
+                                  "dynamic-pertensor", "static-entropy-sym-sq"])
 def test_int8_names_round_trip(name):
     assert recipes.Int8Recipe.parse(name).name == name
 
@@ -104,6 +104,23 @@ def test_each_int8_method_runs_within_its_parity_bound(towers, tmp_path, name, t
             if node.op_type == "QuantizeLinear":
                 zp = onnx.numpy_helper.to_array(zps[node.input[2]])
                 assert zp.dtype == np.int8 and not zp.any()
+
+
+def test_smoothquant_keeps_the_float_graph_and_quantizes_within_its_bound(towers, tmp_path):
+    """SmoothQuant only moves scale between activations and weights: the smoothed FP32 graph
+    must match the original (the Smoother's folding broke it: cosine 0.57), and its INT8
+    graph stays within the INT8 bound."""
+    pytest.importorskip("onnx_neural_compressor")
+    src, _ = towers[Tower.TEXT]
+    inputs = _inputs(towers, Tower.TEXT)
+    batches = [inputs[i:i + 16] for i in range(0, 48, 16)]
+    smoothed = quantize.smooth_quant(src, tmp_path / "sq.onnx", TEXT_INPUT, batches)
+    assert _mean_cos(src, smoothed, inputs) >= 0.99999
+    assert any(n.op_type == "Mul" and "smooth" in n.name for n in onnx.load(smoothed).graph.node)
+    info = quantize.to_int8(src, tmp_path / "q.onnx", recipes.Int8Recipe.parse("static-p99.99-sq"),
+                            TEXT_INPUT, batches)
+    assert "SmoothQuant" in info["activations"]
+    assert _mean_cos(src, tmp_path / "q.onnx", inputs) >= INT8_MIN_MEAN_COS
 
 
 INT4_METHODS = ["rtn-sym-b32-a4", "rtn-asym-b64-a0", "rtn-sym-b16-a4", "rtn-sym-b128-a0",

@@ -36,6 +36,9 @@ CANDIDATE_RESAMPLES = 1000
 # The metrics judged on the calibration split (the cheap ones: one labelled set, no OOD).
 CANDIDATE_METRICS = ("top1", "ece")
 VERDICT_RANK = {"safe": 0, "inconclusive": 1, "unsafe": 2}
+# The mixed-precision sensitivity pass builds one graph per node: it ranks them by the cosine
+# on this many calibration items (the verdict of each step uses them all).
+SENSITIVITY_ITEMS = 32
 
 
 @dataclass
@@ -175,18 +178,22 @@ def search(names: list[str], build: Callable[[str], tuple], measure: Callable[[o
 
 def mixed_precision(nodes: list[str], quantize_excluding: Callable[[list[str]], object],
                     measure: Callable[[object], dict], in_budget: Callable[[dict], bool],
-                    max_float: int, say=print) -> tuple[list[str] | None, dict]:
+                    max_float: int, say=print,
+                    rank: Callable[[object], float] | None = None) -> tuple[list[str] | None, dict]:
     """The fewest of ``nodes`` to leave in float so that ``in_budget(measure(graph))``.
 
     Sensitivity pass: each node alone left in float (``quantize_excluding([node])``) and the
     mean cosine to FP32 it gains over the fully quantized graph. Then the k most sensitive
     nodes are left in float for k = 1 .. ``max_float`` until the endpoint is inside the
-    budget. Returns (the nodes, or None when ``max_float`` nodes do not suffice; a record of
-    the sensitivities and each step)."""
-    base = measure(quantize_excluding([]))["cosine_calibration"]
+    budget. ``rank(graph)``: the cosine the sensitivity pass uses (default: ``measure``'s; the
+    export passes a cheaper one on fewer items, since the pass costs one graph per node).
+    Returns (the nodes, or None when ``max_float`` nodes do not suffice; a record of the
+    sensitivities and each step)."""
+    rank = rank or (lambda graph: measure(graph)["cosine_calibration"])
+    base = rank(quantize_excluding([]))
     gains = {}
     for node in nodes:
-        gains[node] = measure(quantize_excluding([node]))["cosine_calibration"] - base
+        gains[node] = rank(quantize_excluding([node])) - base
     order = sorted(nodes, key=lambda n: gains[n], reverse=True)
     record = {"base_cosine": base, "sensitivity": {n: round(gains[n], 7) for n in order},
               "steps": []}
@@ -263,9 +270,17 @@ def int8_endpoint(src, dst, tower: Tower, probe: CalibrationProbe, batches: list
                              nodes_to_exclude=excluded, calibration_cache=cache(recipe))
             return mixed
         start = time.monotonic()
+        few = probe.inputs(tower)[:SENSITIVITY_ITEMS]
+        reference = (probe.fp32_images if tower is Tower.IMAGE else probe.fp32_text)[:len(few)]
+
+        def rank(path):
+            from clipserve.export import evaluate
+
+            got = embed(evaluate.make_session(path), few)
+            return float(cal.cosine_rows(got, reference).mean())
         kept, record = mixed_precision(
             nodes, quantize_excluding, _measurer(tower, probe, budget, None, 0, speed=False),
-            lambda f: f["verdict"] == "safe", config.int8_float_nodes_max, say=say)
+            lambda f: f["verdict"] == "safe", config.int8_float_nodes_max, say=say, rank=rank)
         record["seconds"] = round(time.monotonic() - start, 1)
         record["why"] = (f"{chosen} was {figures['verdict']} against the budget on the "
                          "calibration split; nodes ranked by the mean cosine to FP32 each "

@@ -275,3 +275,18 @@ def test_int8_endpoint_records_every_candidate_and_the_mixed_precision_it_needed
         assert record["sensitivity"] and record["steps"]
         if info.get("float_nodes"):
             assert info["choice"]["chosen"] == f"{first}+{len(info['float_nodes'])}float"
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx2"}, True), ({"avx2", "avx512_vnni"}, False),
+                                            ({"avx2", "amx_int8", "amx_tile", "amx_bf16"}, False)])
+def test_reduce_range_only_on_a_cpu_without_vnni(towers, tmp_path, monkeypatch, flags, expected):
+    from clipserve import cpu
+
+    monkeypatch.setattr(cpu, "detect", lambda *a, **k: cpu.from_flags(flags))
+    src, _ = towers[Tower.TEXT]
+    inputs = _inputs(towers, Tower.TEXT, 16)
+    for name in ("dynamic", "static-minmax"):
+        info = quantize.to_int8(src, tmp_path / "q.onnx", recipes.Int8Recipe.parse(name),
+                                TEXT_INPUT, [inputs])
+        assert info["reduce_range"] is expected
+        assert ("reduce_range" in info["weights"]) is expected

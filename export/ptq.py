@@ -159,8 +159,10 @@ def search(names: list[str], build: Callable[[str], tuple], measure: Callable[[o
             figures[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                              "seconds": round(time.monotonic() - t0, 2)}
             say(f"  {name}: failed ({figures[name]['error']})")
-            if pinned:
-                raise
+            if pinned:  # the user's own choice cannot be built: a clear error, no traceback
+                from clipserve.export.quantize import QuantizationError
+
+                raise QuantizationError(f"{name}: {figures[name]['error']}") from exc
             continue
         f = figures[name]
         say(f"  {name}: cos {f['cosine_calibration']:.5f} top-1 Δ "

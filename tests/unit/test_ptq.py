@@ -209,6 +209,13 @@ def test_auto_search_keeps_the_candidate_the_injected_measurements_favour():
     assert info["candidate"] == "y"
 
 
+def test_a_pinned_method_that_cannot_be_built_is_a_clear_error():
+    def build(name):
+        raise RuntimeError("ORT says no")
+    with pytest.raises(quantize.QuantizationError, match="gptq-sym-b32-a4: RuntimeError: ORT says no"):
+        ptq.search(["gptq-sym-b32-a4"], build, lambda p: {}, 1e-3, pinned=True, say=lambda m: None)
+
+
 # -- mixed precision ------------------------------------------------------------------------
 
 def test_mixed_precision_leaves_only_the_listed_nodes_in_float(towers, tmp_path):

@@ -184,6 +184,8 @@ def test_choose_keeps_the_best_inside_the_budget_and_the_fastest_among_equals():
     # among the safe: the best cosine, unless another is within tolerance and faster
     assert ptq.choose({"a": _figures(0.999, 10), "b": _figures(0.990, 100)}, tol)[0] == "a"
     assert ptq.choose({"a": _figures(0.9990, 10), "b": _figures(0.9988, 100)}, tol)[0] == "b"
+    # ... by more than the noise margin: a 5% lead does not beat the more faithful one
+    assert ptq.choose({"a": _figures(0.9990, 100), "b": _figures(0.9988, 105)}, tol)[0] == "a"
     # batch-invariant first; failed candidates skipped
     chosen, why = ptq.choose({"a": _figures(0.9999, 100, invariant=False),
                               "b": _figures(0.999, 10), "c": {"error": "boom"}}, tol)

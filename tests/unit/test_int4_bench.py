@@ -26,6 +26,7 @@ def test_measure_gives_one_row_per_graph_with_ratios_to_fp32(tmp_path):
                               rng.normal(size=(4, 64)).astype(np.float32), 0.05, rounds=2)
     assert [r["label"] for r in rows] == ["fp32", "rtn-sym-b32-a0"]
     assert rows[0]["ratio_to_fp32"] == 1.0 and rows[0]["min_cosine_to_fp32"] == 1.0
+    assert rows[0]["ratio_median_per_round"] == 1.0
     assert 0.9 < rows[1]["min_cosine_to_fp32"] < 1.0  # 4-bit weights: close, not equal
     assert all(len(r["rounds_images_per_s"]) == 2 for r in rows)
     assert "| rtn-sym-b32-a0 |" in int4_bench.table(rows)

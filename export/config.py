@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipserve.endpoints import Precision
+from clipserve.export.recipes import INT4_AUTO_CANDIDATES, INT8_AUTO_CANDIDATES
 
 BACKENDS = ("python", "onnxruntime", "openvino")
 # --runtime: what the python backend's model.py runs (export/runtimes.py); auto measures.
@@ -104,7 +105,22 @@ class ExportConfig(EvaluationData):
         "help": "export bf16 even on a CPU without AVX512_BF16/AMX, where it is emulated and "
                 "slower than fp32 (otherwise such a CPU skips bf16 with a message)"})
     int4_block_size: int = field(default=INT4_BLOCK_SIZE, metadata={
-        "help": "INT4 block size (power of two >= 16)"})
+        "help": "INT4 block size (power of two >= 16) of the --int4-method auto candidates "
+                "that compare algorithms"})
+    int8_method: str = field(default="auto", metadata={
+        "help": "INT8 method: 'auto' (build and measure " + ", ".join(INT8_AUTO_CANDIDATES)
+                + " on the calibration split; keep the best inside --budget, the fastest "
+                "among equals) or one method: dynamic, static-CAL[-sym][-pertensor] with CAL "
+                "minmax, entropy or a percentile pNN.NN"})
+    int4_method: str = field(default="auto", metadata={
+        "help": "INT4 method: 'auto' (measure " + ", ".join(INT4_AUTO_CANDIDATES)
+                + " and choose as for int8) or one ALG[-sym|-asym]-bBLOCK-aLEVEL[-keep8|-keepfp] "
+                "(ALG rtn, hqq, gptq; LEVEL a0 weight-only, a4 int8 compute; keep8/keepfp: "
+                "token embedding and output projection at 8 bits / float)"})
+    int8_float_nodes_max: int = field(default=8, metadata={
+        "help": "INT8 mixed precision: when the kept static method is not inside --budget on "
+                "the calibration split, leave the fewest (at most this many) of its most "
+                "sensitive nodes in float that bring it inside; 0 never does"})
     throughput_batch: int = field(default=32, metadata={
         "help": "batch size of the offline throughput measurement"})
     throughput_seconds: float = field(default=1.0, metadata={
@@ -156,7 +172,16 @@ class ExportConfig(EvaluationData):
         b = self.int4_block_size
         if b < 16 or b & (b - 1):
             raise ValueError(f"int4 block size must be a power of two >= 16, got {b}")
+        self._check_methods()
         self.serving_policy()  # raises ValueError on a bad batching, warm-up or thread flag
+
+    def _check_methods(self) -> None:
+        from clipserve.export import recipes
+
+        recipes.int8_candidates(self.int8_method)  # raises ValueError naming the grammar
+        recipes.int4_candidates(self.int4_method, self.int4_block_size)
+        if self.int8_float_nodes_max < 0:
+            raise ValueError(f"int8 float nodes max must be >= 0, got {self.int8_float_nodes_max}")
 
     def serving_policy(self) -> "ServingPolicy":
         """The export flags that say how Triton runs each endpoint.

@@ -13,7 +13,7 @@ import numpy as np
 from clipserve import calibration as cal
 from clipserve import stats
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.export import (evaluate, gpu_decode, models, quality, quantize, report,
+from clipserve.export import (evaluate, gpu_decode, models, ptq, quality, quantize, report,
                               repository, runtimes)
 from clipserve.export.config import ExportConfig
 from clipserve.export import onnx_export as ox
@@ -37,19 +37,36 @@ def _calibration_batches(inputs: np.ndarray, batch: int = 16) -> list[np.ndarray
     return [inputs[i:i + batch] for i in range(0, n, batch)]
 
 
+def _calibration_indices(suite, limit: int = 256) -> np.ndarray:
+    """An even spread of ``limit`` items over the calibration split (never the test split)."""
+    n = len(suite.labelled.calibration.images)
+    return np.unique(np.linspace(0, n - 1, min(limit, n)).astype(int))
+
+
 def _calibration_pixels(suite, image_size: int, limit: int = 256) -> np.ndarray:
-    """Images of the calibration split (never the test split) for static INT8 calibration
-    and for choosing between INT8 methods; an even spread over the split."""
-    source = suite.labelled.calibration.images
-    indices = np.linspace(0, len(source) - 1, min(limit, len(source))).astype(int)
-    return source.load(image_size, np.unique(indices))
+    """Images of the calibration split for static INT8 calibration and for choosing between
+    INT8/INT4 methods (:func:`_calibration_indices`)."""
+    return suite.labelled.calibration.images.load(image_size, _calibration_indices(suite, limit))
 
 
-def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say):
+def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say,
+                   labelled: dict):
     """ONNX files for every requested precision: {(precision, tower): (path, quantization)}.
     ``probes`` holds, per tower, the calibration inputs: static INT8 calibrates on them and
-    the INT8 method is chosen by fidelity on them (the test split stays unseen)."""
+    the INT8/INT4 methods are chosen by measurements on them (the test split stays unseen);
+    ``labelled``: the image probe's labels, the prompt count and the class count
+    (:class:`ptq.CalibrationProbe`)."""
     variants = {(Precision.FP32, t): (fp32[t], {"method": "fp32"}) for t in Tower}
+    built = {}
+
+    def candidate_probe():  # FP32 on the calibration split, for choosing INT8/INT4 methods
+        if "probe" not in built:
+            built["probe"] = ptq.CalibrationProbe.build(
+                {t: evaluate.make_session(fp32[t]) for t in Tower}, probes[Tower.IMAGE],
+                labelled["labels"], probes[Tower.TEXT], labelled["n_prompts"],
+                labelled["n_classes"])
+        return built["probe"]
+
     for tower in Tower:
         probe = probes[tower]
         reference = evaluate.embed(evaluate.make_session(fp32[tower]), probe)
@@ -67,8 +84,9 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
             elif precision is Precision.FP16:
                 variants[precision, tower] = (dst, quantize.to_fp16(fp32[tower], dst))
             elif precision is Precision.INT4:
-                variants[precision, tower] = (dst, quantize.to_int4(
-                    optimized, dst, block_size=config.int4_block_size))
+                variants[precision, tower] = (dst, ptq.int4_endpoint(
+                    optimized, dst, tower, candidate_probe(), _calibration_batches(probe),
+                    config, stats.parse_budget(config.budget), work, say))
             elif precision is Precision.INT8 and config.tensorrt:
                 # TensorRT's explicit int8 mode takes only symmetric Q/DQ: the one candidate.
                 info = quantize.to_int8_tensorrt(
@@ -78,36 +96,9 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
                     f"); quality measured on onnxruntime's CPU provider")
                 variants[precision, tower] = (dst, info)
             elif precision is Precision.INT8:
-                candidates = {
-                    "int8-dynamic": (work / f"int8dyn_{tower.value}.onnx", None),
-                    "int8-static-qdq": (work / f"int8qdq_{tower.value}.onnx", None),
-                }
-                infos = {
-                    "int8-dynamic": quantize.to_int8_dynamic(optimized, candidates["int8-dynamic"][0]),
-                    "int8-static-qdq": quantize.to_int8_static(
-                        optimized, candidates["int8-static-qdq"][0],
-                        evaluate.make_session(optimized).get_inputs()[0].name,
-                        _calibration_batches(probe)),
-                }
-                speed_batch = probe[:config.throughput_batch]
-
-                def measure(name):
-                    session = evaluate.make_session(candidates[name][0])
-                    cos = cal.cosine_rows(evaluate.embed(session, probe), reference)
-                    return (float(cos.mean()),
-                            evaluate.throughput(session, speed_batch, config.throughput_seconds),
-                            evaluate.batch_invariant(session, probe[:16]))
-
-                chosen = quantize.choose_int8(infos, measure)
-                say(f"{tower.value} int8: kept {chosen} " + ", ".join(
-                    f"{n}: cos {i['cosine_calibration']:.5f} {i['items_per_s']:.0f}/s "
-                    f"{'batch-invariant' if i['batch_invariant'] else 'varies with batch'}"
-                    for n, i in infos.items()))
-                shutil.copyfile(candidates[chosen][0], dst)
-                info = dict(infos[chosen], candidates={
-                    n: {k: i[k] for k in ("cosine_calibration", "items_per_s", "batch_invariant")}
-                    for n, i in infos.items()})
-                variants[precision, tower] = (dst, info)
+                variants[precision, tower] = (dst, ptq.int8_endpoint(
+                    optimized, dst, tower, candidate_probe(), _calibration_batches(probe),
+                    config, stats.parse_budget(config.budget), work, say))
     return variants
 
 
@@ -145,8 +136,11 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     probe_ids = ox.random_inputs(Tower.TEXT, shapes, 64, seed=7)
     probes = {Tower.IMAGE: _calibration_pixels(suite, shapes.image_size),
               Tower.TEXT: np.concatenate([prompt_ids, probe_ids])}
+    calibration_labels = np.asarray(labelled.calibration.labels)[_calibration_indices(suite)]
     variants = _make_variants(fp32, work, precisions, config, probes,
-                              lambda m: say(f"{tag} {m}"))
+                              lambda m: say(f"{tag} {m}"),
+                              {"labels": calibration_labels, "n_prompts": len(prompt_ids),
+                               "n_classes": len(labelled.class_names)})
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
     # Each endpoint is measured on the runtime it will be served with.
     served = {key: ("onnxruntime", None) for key in variants}

@@ -173,6 +173,45 @@ def retrieval_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def candidates_table(rows: list[dict]) -> list[str]:
+    """Per scale and INT8/INT4 endpoint: every candidate method measured on the calibration
+    split (Δ against FP32 with paired 95% intervals, the verdict against the budget, cosine,
+    speed, size), the one kept and why, and how long the search took."""
+    lines = []
+    for r in _order(_served(rows)):
+        choice = (r.get("quantization") or {}).get("choice")
+        if not choice:
+            continue
+        if not lines:
+            lines = ["| endpoint | candidate | kept | verdict (calibration) | top-1 Δ | ECE Δ | "
+                     "cos mean | cos min | items/s | size MB | s |", "|" + "---|" * 11]
+        for name, f in choice["candidates"].items():
+            kept = "**kept**" if name == choice["chosen"] else ""
+            if "error" in f:
+                lines.append(f"| {r['endpoint']} | {name} | | failed: {f['error'][:80]} "
+                             f"| – | – | – | – | – | – | {f.get('seconds', 0):.1f} |")
+                continue
+            d = f.get("deltas", {})
+            lines.append("| " + " | ".join([
+                r["endpoint"], name, kept, f.get("verdict", "–"),
+                fmt_delta("top1", d.get("top1")), fmt_delta("ece", d.get("ece")),
+                f"{f['cosine_calibration']:.5f}", f"{f['cosine_min']:.5f}",
+                f"{f['items_per_s']:.0f}" if "items_per_s" in f else "–",
+                f"{f['size_bytes'] / 1e6:.2f}", f"{f.get('seconds', 0):.1f}"]) + " |")
+    if not lines:
+        return []
+    notes = [""]
+    for r in _order(_served(rows)):
+        q = r.get("quantization") or {}
+        if q.get("choice"):
+            c = q["choice"]
+            notes.append(f"- {r['endpoint']}: {c['mode']}, kept **{c['chosen']}**: {c['why']} "
+                         f"({len(c['candidates'])} candidates in {c['seconds']:.0f}s)")
+            if q.get("mixed_precision"):
+                notes.append(f"  - mixed precision: {q['mixed_precision']['result']}")
+    return lines + notes
+
+
 # -- the scale study -------------------------------------------------------------------------
 
 def scale_study(rows: list[dict]) -> list[dict]:
@@ -341,7 +380,9 @@ def markdown(rows: list[dict], note_lines: list[str]) -> str:
     for title, table in (("OOD detection (AUROC per score)", ood_table(rows)),
                          ("Covariate shift", shift_table(rows)),
                          ("Retrieval (recall@k; Δ against FP32)", retrieval_table(rows)),
-                         ("Embedding output formats (vector databases)", formats_table(rows))):
+                         ("Embedding output formats (vector databases)", formats_table(rows)),
+                         ("Quantization candidates (measured on the calibration split)",
+                          candidates_table(rows))):
         if table:
             lines += ["", f"## {title}", "", *table]
     if study:

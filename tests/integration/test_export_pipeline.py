@@ -92,7 +92,10 @@ def test_sidecars_and_layout(repository, rows):
             assert sidecar.evaluation["domain_measured"] is True
         else:
             assert sidecar.context_length == 16 and (endpoint / "tokenizer.json").is_file()
-    assert Sidecar.read(repository / "digits-s_int4_image").quantization["block_size"] == 32
+    int4 = Sidecar.read(repository / "digits-s_int4_image").quantization
+    # --int4-method auto: the kept candidate and every candidate's figures are recorded
+    assert int4["choice"]["chosen"] == int4["candidate"] in int4["choice"]["candidates"]
+    assert int4["block_size"] in (16, 32, 64, 128)
     assert Sidecar.read(repository / "digits-s_int8_image").quantization["method"] in (
         "int8-dynamic", "int8-static-qdq")
 

@@ -33,7 +33,9 @@ TOKENIZER_DIR = Path(__file__).parent / "tokenizers"
 DIGITS_TOKENIZER = TOKENIZER_DIR / "digits-wordpiece.json"
 DIGITS_TOKENIZER_CLEAN = "canonicalize"  # SigLIP's cleaning: lowercase, no punctuation
 DIGITS_VOCAB_SIZE = 256
-DIGITS_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]")  # ids 0, 1, 2: pad is 0 like CLIP's
+# [PAD] is id 0 like CLIP's padding, [UNK] 1; [EOS] is the last id, so the text tower finds
+# it by argmax over the ids as CLIP's does (digits-siglip-s keeps digits-s's text tower).
+DIGITS_SPECIAL_TOKENS = ("[PAD]", "[UNK]")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the first is required
 
 
@@ -203,7 +205,7 @@ def build_digits_tokenizer(path: Path = DIGITS_TOKENIZER) -> Path:
     words = {w for c in digits.CLASS_NAMES for t in digits.PROMPTS for w in clean(t.format(c)).split()}
     chars = "abcdefghijklmnopqrstuvwxyz0123456789"
     pieces = sorted(words | set(chars)) + [f"##{c}" for c in chars]
-    vocab = {token: i for i, token in enumerate([*DIGITS_SPECIAL_TOKENS, *pieces])}
+    vocab = {token: i for i, token in enumerate([*DIGITS_SPECIAL_TOKENS, *pieces, "[EOS]"])}
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(

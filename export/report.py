@@ -332,6 +332,33 @@ def notes(rows: list[dict], *, config: dict, budget: dict[str, float]) -> list[s
     return out
 
 
+SCORING_METRICS = (("ece", "Δ ECE (fitted)"), ("ece_native", "Δ ECE (own scale)"),
+                   ("ood_auroc", "Δ OOD AUROC (max prob.)"), ("fpr95", "Δ FPR@95"),
+                   ("ood_auroc_knn", "Δ AUROC kNN"))
+
+
+def scoring_table(rows: list[dict]) -> list[str]:
+    """How quantization moves calibration and OOD detection under each scoring rule: the
+    image rows' paired-bootstrap deltas against FP32 of softmax-trained (CLIP) and
+    sigmoid-trained (SigLIP) models side by side; empty unless both rules were exported."""
+    image = [r for r in _order(_served(rows)) if r["tower"] == "image"]
+    if len({r.get("scoring", "softmax") for r in image}) < 2:
+        return []
+    lines = ["| model | scoring | precision | " + " | ".join(t for _, t in SCORING_METRICS)
+             + " |", "|" + "---|" * (3 + len(SCORING_METRICS))]
+    for r in image:
+        if r["precision"] == "fp32":
+            continue
+        deltas = r.get("deltas", {})
+        lines.append(f"| {r['model']} | {r.get('scoring', 'softmax')} | {r['precision']} | "
+                     + " | ".join(fmt_delta(m, deltas.get(m)) for m, _ in SCORING_METRICS) + " |")
+    lines += ["", "Deltas against each model's own FP32 with paired bootstrap 95% intervals. "
+              "Softmax: ECE on the top softmax probability, OOD by MCM; sigmoid: ECE on the top "
+              "label's sigmoid probability, OOD by the largest sigmoid probability (its ranking "
+              "is that of the largest cosine, so it does not depend on the fitted scale)."]
+    return lines
+
+
 def markdown(rows: list[dict], note_lines: list[str]) -> str:
     """The report as Markdown: verdicts first, then the tables and notes."""
     study = scale_study(rows)
@@ -341,7 +368,8 @@ def markdown(rows: list[dict], note_lines: list[str]) -> str:
     for title, table in (("OOD detection (AUROC per score)", ood_table(rows)),
                          ("Covariate shift", shift_table(rows)),
                          ("Retrieval (recall@k; Δ against FP32)", retrieval_table(rows)),
-                         ("Embedding output formats (vector databases)", formats_table(rows))):
+                         ("Embedding output formats (vector databases)", formats_table(rows)),
+                         ("Softmax vs sigmoid scoring under quantization", scoring_table(rows))):
         if table:
             lines += ["", f"## {title}", "", *table]
     if study:

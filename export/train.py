@@ -6,10 +6,12 @@ have ten classes, so a batch holds many images of the same class: every same-cla
 image/caption pair is treated as a positive (a soft target spread over them) instead of
 open_clip's ClipLoss one-positive diagonal, which would push apart identical concepts.
 
-``digits-siglip-*`` have the same towers, a logit bias (``init_logit_bias``) and SigLIP's text
-pooling (last token, no causal mask), and train with open_clip's ``SigLipLoss`` (sigmoid of
-scale * cos + bias per pair), with the same-class positives, on ids from the WordPiece
-tokenizer clipserve builds (``export/families.py``).
+``digits-siglip-*`` have the same towers plus a logit bias, and train with open_clip's
+``SigLipLoss`` (sigmoid of scale * cos + bias per pair) with the same-class positives, on ids
+from the WordPiece tokenizer clipserve builds (``export/families.py``). SigLIP initialises the
+bias at -10 for batches of 32k pairs with one positive each; here 5 of an image's 50 captions
+are positives, and at -10 the model sat at the collapsed optimum (every cosine equal, loss
+16.2 for 200 steps), so the bias starts at the prior log-odds log(5/45) = -2.2.
 Training is reproducible (fixed seeds, single process) and cached by a hash of the recipe.
 """
 

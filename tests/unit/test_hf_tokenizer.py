@@ -74,10 +74,14 @@ def test_gateway_ids_equal_the_export_ids_on_random_strings(digits_tokenizer):
 def test_digits_ids_end_with_eos_and_pad_with_zero(digits_tokenizer):
     gateway = load_tokenizer(digits_tokenizer.json_path, CONTEXT, digits_tokenizer.sidecar)
     ids, truncated = gateway.encode(["A photo of the digit SEVEN.", "", "one " * 40])
-    eos = 2  # [PAD], [UNK], [EOS]
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(families.DIGITS_TOKENIZER))
+    eos = vocab.token_to_id("[EOS]")
+    assert eos == vocab.get_vocab_size() - 1  # the largest id: the text tower's argmax finds it
     row = ids[0].tolist()
     assert row[row.index(eos) + 1:] == [0] * (CONTEXT - row.index(eos) - 1)
-    assert 1 not in row  # every word of a prompt is in the vocabulary: no [UNK]
+    assert vocab.token_to_id("[UNK]") not in row  # every prompt word is in the vocabulary
     assert ids[1].tolist() == [eos] + [0] * (CONTEXT - 1)
     assert ids[2, -1] == eos and truncated == [False, False, True]  # cut keeps the EOS
 
@@ -113,5 +117,5 @@ def test_gemma_style_config_rebuilds_bos_and_eos_like_transformers(tmp_path):
     gateway = HfTokenizer(__import__("tokenizers").Tokenizer.from_file(str(work / "t.json")),
                           CONTEXT, "canonicalize")
     ids, _ = gateway.encode(["one two"])
-    assert ids[0, 0] == 1 and 2 in ids[0].tolist()  # [UNK] stands in for <bos>, [EOS] for <eos>
+    assert ids[0, 0] == 1 and 93 in ids[0].tolist()  # [UNK] stands in for <bos>, [EOS] for <eos>
     assert tokenizer.encode("one two").ids == ids[0, :len(tokenizer.encode("one two").ids)].tolist()

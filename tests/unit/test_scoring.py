@@ -178,3 +178,45 @@ async def test_classify_returns_sigmoid_probabilities(tmp_path):
             assert result.out_of_distribution == (expected.max() < svc.THRESHOLD)
     finally:
         h.decoder.close()
+
+
+async def test_live_ood_counters_use_the_max_sigmoid_probability(tmp_path):
+    """EmbedImages' live scoring against the deployment labels follows the sigmoid rule:
+    the OOD score sum and the flagged count equal the offline max sigmoid probabilities."""
+    import asyncio
+
+    from tests.unit import test_live_quality as lq
+    from tests.unit import test_server_service as svc
+    from clipserve.server.routing import HEADER_PRECISION
+    from clipserve.server.v1 import clipserve_pb2 as pb
+
+    root = svc.write_repository(tmp_path / "repo")
+    scale, bias = 12.0, -6.0
+    expected = cal.sigmoid_probs(lq.fake_image_embeddings(lq.COLORS).astype(np.float64)
+                                 @ lq.fake_label_embeddings().astype(np.float64).T,
+                                 scale, bias).max(axis=1)
+    threshold = float(np.median(expected))  # both sides of it
+    for precision in svc.PRECISIONS:
+        d = root / svc.name(precision, Tower.IMAGE)
+        car = Sidecar.read(d)
+        car.scoring, car.logit_scale, car.logit_bias = "sigmoid", scale, bias
+        car.temperature, car.ood_threshold = 1.0 / scale, threshold
+        car.write(d)
+    h = svc.Harness(root)
+    background = asyncio.create_task(h.service.run_background())
+    try:
+        for _ in range(200):
+            if len(h.service.live.labels) == 2:
+                break
+            await asyncio.sleep(0.01)
+        for part in (lq.COLORS[:5], lq.COLORS[5:]):  # at most 5 images a call
+            await h.service.EmbedImages(pb.EmbedImagesRequest(images=[svc.png(c) for c in part]),
+                                        svc.FakeContext([(HEADER_PRECISION, "fp32")]))
+        labels = {"scale": svc.SCALE, "precision": "fp32", "label_set": "deployment"}
+        get = h.registry.get_sample_value
+        assert get("clipserve_ood_score_sum", labels) == pytest.approx(expected.sum(), rel=1e-5)
+        assert get("clipserve_ood_flagged_total", labels) == int((expected < threshold).sum())
+    finally:
+        background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
+        h.decoder.close()

@@ -223,6 +223,11 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
                 live_score: str, say) -> None:
     """Write one model's endpoints (config, ONNX, sidecar, OOD state) into the repository."""
     spec, shapes, suite = context["spec"], context["shapes"], context["suite"]
+    # The model's own tokenizer (families.text_tokenizer); CLIP BPE when absent or when it
+    # has no file of its own.
+    text_tokenizer = context.get("tokenizer")
+    tokenizer_sidecar = text_tokenizer.sidecar if text_tokenizer else {}
+    tokenizer_json = (text_tokenizer and text_tokenizer.json_path) or tokenizer_json
     for row in result.rows:
         precision, tower = Precision(row["precision"]), Tower(row["tower"])
         fields = {}
@@ -237,12 +242,11 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             quantization=row["quantization"], output_formats=row["output_format_params"],
             gpu_decode=(gpu_decode.sidecar_field(endpoint_name(spec.scale, precision, tower))
                         if config.gpu_decode and tower is Tower.IMAGE else {}),
-            tokenizer=context["tokenizer"].sidecar if tower is Tower.TEXT else {},
+            tokenizer=tokenizer_sidecar if tower is Tower.TEXT else {},
             **fields)
         repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
-            backend=config.backend, tensorrt=config.tensorrt,
-            tokenizer_json=context["tokenizer"].json_path or tokenizer_json,
+            backend=config.backend, tensorrt=config.tensorrt, tokenizer_json=tokenizer_json,
             runtime=context["served"][precision, tower][0],
             runtime_options=context["served"][precision, tower][1],
             policy=config.serving_policy(),

@@ -177,9 +177,13 @@ def retrieval_table(rows: list[dict]) -> list[str]:
 
 def scale_study(rows: list[dict]) -> list[dict]:
     """Per precision x tower x metric x model: every seed's delta, their mean and a t interval
-    across seeds, against the model's parameter count (image + text towers)."""
+    across seeds, against the model's parameter count (image + text towers). Only models
+    scored with the first model's rule: a softmax- and a sigmoid-trained model are not two
+    sizes of one model (they are compared by :func:`scoring_table`)."""
     from scipy import stats as sps
 
+    rules = [r.get("scoring", "softmax") for r in rows]
+    rows = [r for r, rule in zip(rows, rules) if rule == rules[0]] if rows else rows
     out = []
     keys = sorted({(r["precision"], r["tower"]) for r in rows if r["precision"] != "fp32"})
     models = list(dict.fromkeys(r["model"] for r in rows))

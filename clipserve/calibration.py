@@ -8,6 +8,10 @@ probabilities). The feature-space OOD scores (kNN, Mahalanobis) take image embed
 [n_images, D] and a state fitted on in-distribution embeddings, saved beside the sidecar as an
 ``.npz`` file (:func:`save_ood_state`).
 
+How cosines become probabilities is the model's scoring rule (:class:`Scoring`): softmax over
+labels for CLIP, an independent sigmoid(scale * cos + bias) per label for SigLIP; the fit, NLL,
+ECE (on the top label's probability) and the max-probability OOD score follow it.
+
 Every OOD score here is oriented the same way: HIGHER means more in-distribution, and an
 image is flagged OOD when its score is below the threshold fitted by :func:`fit_ood_threshold`.
 """
@@ -108,19 +112,37 @@ def top1_agreements(p: np.ndarray, q: np.ndarray) -> int:
     return int((np.asarray(p).argmax(axis=-1) == np.asarray(q).argmax(axis=-1)).sum())
 
 
-def compare_to_reference(served: np.ndarray, served_labels: np.ndarray, served_t: float,
+def score_kl_bernoulli(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(reference || other) in nats of independent per-label probabilities [n, k] (sigmoid
+    rows, which need not sum to 1): the sum over labels of each label's Bernoulli KL; shape
+    [n], 0 for identical rows. Probabilities are clipped to [1e-12, 1 - 1e-12]."""
+    p = np.clip(np.asarray(reference, dtype=np.float64), 1e-12, 1 - 1e-12)
+    q = np.clip(np.asarray(other, dtype=np.float64), 1e-12, 1 - 1e-12)
+    kl = p * (np.log(p) - np.log(q)) + (1 - p) * (np.log1p(-p) - np.log1p(-q))
+    return np.maximum(kl.sum(axis=-1), 0.0)
+
+
+def _as_scoring(rule) -> "Scoring":
+    return rule if isinstance(rule, Scoring) else Scoring("softmax", float(rule))
+
+
+def compare_to_reference(served: np.ndarray, served_labels: np.ndarray, served_t,
                          reference: np.ndarray, reference_labels: np.ndarray,
-                         reference_t: float) -> tuple[np.ndarray, np.ndarray, int]:
+                         reference_t) -> tuple[np.ndarray, np.ndarray, int]:
     """How a served precision's image embeddings differ from a reference precision's on the
     same images: per image cosine(served, reference) and KL(reference || served) between the
-    softmax outputs each gives over its own label embeddings at its own T, plus the number of
-    images whose top-1 label agrees. Returns (cosines [n], kl [n], agreements)."""
+    probabilities each gives over its own label embeddings under its own scoring (a
+    :class:`Scoring`, or a softmax temperature T), plus the number of images whose top-1
+    label agrees. Sigmoid rows are compared with :func:`score_kl_bernoulli`. Returns
+    (cosines [n], kl [n], agreements)."""
     served = np.asarray(served, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
-    p_served = softmax(label_cosines(served, served_labels), served_t)
-    p_reference = softmax(label_cosines(reference, reference_labels), reference_t)
-    return (cosine_rows(served, reference), score_kl(p_reference, p_served),
-            top1_agreements(p_served, p_reference))
+    served_rule, reference_rule = _as_scoring(served_t), _as_scoring(reference_t)
+    p_served = served_rule.probabilities(label_cosines(served, served_labels))
+    p_reference = reference_rule.probabilities(label_cosines(reference, reference_labels))
+    sigmoid_rows = "sigmoid" in (served_rule.rule, reference_rule.rule)
+    kl = (score_kl_bernoulli if sigmoid_rows else score_kl)(p_reference, p_served)
+    return cosine_rows(served, reference), kl, top1_agreements(p_served, p_reference)
 
 
 def _labels(labels, n: int) -> np.ndarray:
@@ -219,6 +241,174 @@ def fit_temperature(cosines: np.ndarray, labels: np.ndarray,
     """Temperature minimising NLL on a labelled held-out set (Guo et al. 2017); see
     :func:`fit_temperature_checked`, which also says whether the fit hit a bound."""
     return fit_temperature_checked(cosines, labels, lo, hi, iters)[0]
+
+
+# ---- Scoring rules: how a model turns cosines into label probabilities --------------------
+#
+# CLIP is trained with a softmax over the labels of a batch, SigLIP (Zhai et al. 2023) with an
+# independent sigmoid per (image, text) pair. Serving and evaluating a model with the rule it
+# was trained with keeps its probabilities meaningful: a SigLIP probability is "this label
+# matches this image", on its own; the probabilities of one image's labels do not sum to 1.
+
+SCORING_RULES = ("softmax", "sigmoid")
+SIGMOID_SCALE_BOUNDS = (0.1, 1000.0)  # the sigmoid fit's search range for logit_scale
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function in float64, stable for large |logits|."""
+    z = np.asarray(logits, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def sigmoid_probs(cosines: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """SigLIP's per-label probabilities sigmoid(scale * cos + bias), [n, k] float64; each
+    label on its own (rows do not sum to 1)."""
+    return sigmoid(float(scale) * np.asarray(cosines, dtype=np.float64) + float(bias))
+
+
+def sigmoid_nll_per_item(cosines: np.ndarray, labels: np.ndarray, scale: float,
+                         bias: float) -> np.ndarray:
+    """Each row's binary cross-entropy summed over its labels under sigmoid(scale * cos +
+    bias), true label positive and every other label negative (the SigLIP loss of one
+    image), shape [n]; from log-sigmoid, so exact for extreme logits."""
+    logits = float(scale) * np.asarray(cosines, dtype=np.float64) + float(bias)
+    labels = _labels(labels, logits.shape[0])
+    signs = -np.ones_like(logits)
+    signs[np.arange(len(labels)), labels] = 1.0
+    return np.logaddexp(0.0, -signs * logits).sum(axis=-1)
+
+
+def _sigmoid_bias_for(cosines: np.ndarray, positives: np.ndarray, scale: float) -> float:
+    # For a fixed scale the cross-entropy is convex in the bias and its gradient,
+    # sum_neg sigmoid(z + b) - sum_pos sigmoid(-(z + b)), increases strictly in b: bisect its
+    # root. Written as two sums of small terms (not sum(sigmoid) - n_positive), so it keeps
+    # its precision when every pair is confidently right and both sums are tiny.
+    z = scale * cosines
+    pos = positives.astype(bool)
+    z_pos, z_neg = z[pos], z[~pos]
+    lo, hi = -float(np.abs(z).max()) - 50.0, float(np.abs(z).max()) + 50.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sigmoid(z_neg + mid).sum() < sigmoid(-(z_pos + mid)).sum():
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def fit_sigmoid_checked(cosines: np.ndarray, labels: np.ndarray,
+                        bounds: tuple[float, float] = SIGMOID_SCALE_BOUNDS, iters: int = 60,
+                        rtol: float = 0.01) -> tuple[float, float, bool]:
+    """Scale and bias minimising the sigmoid rule's NLL (:func:`sigmoid_nll_per_item`) on a
+    labelled held-out set: Platt scaling (Platt 1999) of every (image, label) pair, the
+    sigmoid counterpart of the softmax temperature fit. Returns (scale, bias, at_bound).
+
+    The NLL is jointly convex in (scale, bias), so its minimum over the bias, a function of
+    the scale alone, is convex too: a golden-section search over log scale in ``bounds``, with
+    the best bias for each scale found by bisection. ``at_bound`` is True when the scale is
+    within a relative ``rtol`` of a bound (e.g. separable data wants an infinite scale).
+
+    Raises ValueError for bounds that are not 0 < lo < hi.
+    """
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"scale bounds must satisfy 0 < lo < hi; got {bounds}")
+    cosines = np.asarray(cosines, dtype=np.float64)
+    labels = _labels(labels, cosines.shape[0])
+    positives = np.zeros_like(cosines)
+    positives[np.arange(len(labels)), labels] = 1.0
+
+    def loss(log_scale):
+        scale = float(np.exp(log_scale))
+        bias = _sigmoid_bias_for(cosines, positives, scale)
+        return float(sigmoid_nll_per_item(cosines, labels, scale, bias).mean()), bias
+
+    a, b = np.log(lo), np.log(hi)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c)[0], loss(d)[0]
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)[0]
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)[0]
+    scale = float(np.exp((a + b) / 2))
+    bias = loss((a + b) / 2)[1]
+    at_bound = bool(scale <= lo * (1 + rtol) or scale >= hi * (1 - rtol))
+    return scale, float(bias), at_bound
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How label probabilities come from cosines: the rule a model was trained with and its
+    fitted parameters.
+
+    - ``softmax`` (CLIP): softmax(cos / temperature) over the labels; rows sum to 1.
+    - ``sigmoid`` (SigLIP): sigmoid(scale * cos + bias) per label, independently; rows need not
+      sum to 1. ``temperature`` is 1 / scale, so "T" means the same under both rules.
+
+    The max-probability OOD score (:meth:`max_probability`) is MCM under softmax and the
+    maximum sigmoid probability under sigmoid; ECE is measured on the top label's
+    probability under either rule.
+    """
+
+    rule: str = "softmax"
+    temperature: float = 1.0
+    bias: float = 0.0  # sigmoid only
+
+    def __post_init__(self):
+        if self.rule not in SCORING_RULES:
+            raise ValueError(f"unknown scoring rule {self.rule!r}; known: {list(SCORING_RULES)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if self.rule == "softmax" and self.bias:
+            raise ValueError("the softmax rule has no bias")
+
+    @classmethod
+    def sigmoid(cls, scale: float, bias: float) -> "Scoring":
+        """The sigmoid rule sigmoid(scale * cos + bias)."""
+        return cls("sigmoid", 1.0 / float(scale), float(bias))
+
+    @property
+    def scale(self) -> float:
+        """The logit scale, 1 / temperature."""
+        return 1.0 / self.temperature
+
+    def probabilities(self, cosines: np.ndarray) -> np.ndarray:
+        """Label probabilities [n, k] of cosines [n, k] under this rule."""
+        if self.rule == "sigmoid":
+            return sigmoid_probs(cosines, self.scale, self.bias)
+        return softmax(cosines, self.temperature)
+
+    def nll_per_item(self, cosines: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Per-row negative log-likelihood of the labels under this rule: of the true label
+        under softmax, of the true label positive and the others negative under sigmoid."""
+        if self.rule == "sigmoid":
+            return sigmoid_nll_per_item(cosines, labels, self.scale, self.bias)
+        return nll_per_item(cosines, labels, self.temperature)
+
+    def max_probability(self, cosines: np.ndarray) -> np.ndarray:
+        """The max-probability OOD score [n] (higher = more in-distribution): MCM under
+        softmax, the largest per-label sigmoid probability under sigmoid."""
+        return self.probabilities(cosines).max(axis=-1)
+
+
+def fit_scoring_checked(rule: str, cosines: np.ndarray,
+                        labels: np.ndarray) -> tuple[Scoring, bool]:
+    """Fit rule ``rule``'s parameters on a labelled held-out set: the softmax temperature
+    (:func:`fit_temperature_checked`) or the sigmoid scale and bias
+    (:func:`fit_sigmoid_checked`). Returns (scoring, whether the fit stopped at a bound)."""
+    if rule == "softmax":
+        t, at_bound = fit_temperature_checked(cosines, labels)
+        return Scoring("softmax", t), at_bound
+    if rule == "sigmoid":
+        scale, bias, at_bound = fit_sigmoid_checked(cosines, labels)
+        return Scoring.sigmoid(scale, bias), at_bound
+    raise ValueError(f"unknown scoring rule {rule!r}; known: {list(SCORING_RULES)}")
 
 
 def _kept_count(n: int, tpr: float) -> int:
@@ -514,16 +704,20 @@ def fit_ood_state(kind: str, id_embeddings: np.ndarray, labels: np.ndarray | Non
 
 def score_ood(kind: str, state=None, embeddings: np.ndarray | None = None,
               cosines: np.ndarray | None = None,
-              temperature: float | None = None) -> np.ndarray:
+              temperature: float | None = None, scoring: "Scoring | None" = None) -> np.ndarray:
     """One entry point for the gateway: the OOD score named by a sidecar's ``ood_score``
-    (higher = more ID), shape [n]. "mcm" needs ``cosines`` and ``temperature``; "knn" and
-    "mahalanobis" need their ``state`` (from :func:`load_ood_state`) and ``embeddings``.
+    (higher = more ID), shape [n]. "mcm" needs ``cosines`` and a ``temperature`` (softmax) or
+    a ``scoring`` (its max probability: MCM under softmax, the largest sigmoid probability
+    under sigmoid); "knn" and "mahalanobis" need their ``state`` (from
+    :func:`load_ood_state`) and ``embeddings``, whatever the scoring rule.
 
     Raises ValueError for an unknown kind (listing the known ones) or missing inputs.
     """
     if kind == "mcm":
-        if cosines is None or temperature is None:
-            raise ValueError("the mcm OOD score needs cosines and a temperature")
+        if cosines is None or (temperature is None and scoring is None):
+            raise ValueError("the mcm OOD score needs cosines and a temperature or scoring")
+        if scoring is not None:
+            return scoring.max_probability(cosines)
         return score_mcm(cosines, temperature)
     if kind not in _STATES:
         raise ValueError(f"unknown OOD score {kind!r}; known: {list(OOD_SCORES)}")

@@ -75,7 +75,12 @@ EMBEDDING_OUTPUT = "embedding"  # float32 [batch, embed_dim], L2-normalised
 ENCODED_INPUT = "encoded"
 
 SIDECAR_FILENAME = "clipserve.json"
-SIDECAR_VERSION = 2  # 2 added evaluation, ood_score, ood_state, output_formats, revision
+SIDECAR_VERSION = 3  # 2 added evaluation, ood_score, ood_state, output_formats, revision
+# 3 added scoring, logit_scale, logit_bias and tokenizer. A sidecar that a version-2 reader would
+# misread (a sigmoid rule, a non-CLIP tokenizer) is written as version 3, so an older gateway
+# refuses it; every other sidecar is still written as version 2.
+_SIDECAR_V3_DEFAULTS = {"scoring": "softmax", "logit_scale": None, "logit_bias": None,
+                        "tokenizer": {}}
 TOKENIZER_FILENAME = "tokenizer.json"
 
 _SCALE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")
@@ -133,7 +138,8 @@ class Sidecar:
     tower: str
     embed_dim: int
     source: str  # what was exported: "digits-s::builtin", "ViT-B-32::openai", ...
-    version: int = SIDECAR_VERSION
+    # The file format: written as 2 or 3 (see SIDECAR_VERSION); not part of equality.
+    version: int = field(default=SIDECAR_VERSION, compare=False)
     image_size: int | None = None  # image towers: square input side in pixels
     context_length: int | None = None  # text towers
     temperature: float | None = None  # softmax(cos / T); fitted on held-out labelled data
@@ -156,10 +162,37 @@ class Sidecar:
     # CPU and feeds the tower pixels. Older gateways ignore the field and keep doing that
     # (the tower stays directly callable), so the sidecar version is unchanged.
     gpu_decode: dict = field(default_factory=dict)
+    # Image endpoints: the rule that turns cosines into label probabilities
+    # (clipserve.calibration.Scoring): "softmax" (CLIP: softmax(cos / temperature)) or
+    # "sigmoid" (SigLIP: sigmoid(logit_scale * cos + logit_bias) per label, independently;
+    # temperature is then 1 / logit_scale). Scale and bias are fitted like the temperature;
+    # the model's own are in evaluation["native_logit_scale"/"native_logit_bias"].
+    scoring: str = "softmax"
+    logit_scale: float | None = None
+    logit_bias: float | None = None
+    # Text endpoints: how tokenizer.json is applied (clipserve.tokenizer.load_tokenizer).
+    # Empty: open_clip's CLIP BPE. {"kind": "hf", "clean": "canonicalize"|"lower"|"whitespace"}:
+    # a Hugging Face tokenizer, its truncation and padding to context_length in the JSON.
+    tokenizer: dict = field(default_factory=dict)
+
+    def scoring_rule(self):
+        """This image endpoint's :class:`clipserve.calibration.Scoring`, or None when nothing
+        was fitted (no temperature)."""
+        from clipserve.calibration import Scoring
+
+        if self.temperature is None:
+            return None
+        if self.scoring == "sigmoid":
+            return Scoring.sigmoid(self.logit_scale or 1.0 / self.temperature,
+                                   self.logit_bias or 0.0)
+        return Scoring(self.scoring, self.temperature)
 
     def write(self, endpoint_dir: Path) -> Path:
         path = Path(endpoint_dir) / SIDECAR_FILENAME
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        data = asdict(self)
+        if all(data[k] == v for k, v in _SIDECAR_V3_DEFAULTS.items()):
+            data["version"] = min(data["version"], 2)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -176,5 +209,8 @@ class Sidecar:
                 f"{path} has sidecar version {data.get('version')!r}; this clipserve reads "
                 f"version {SIDECAR_VERSION}. Re-export the repository."
             )
+        if data.get("scoring", "softmax") not in ("softmax", "sigmoid"):
+            raise ValueError(f"{path} has scoring rule {data.get('scoring')!r}; this clipserve "
+                             "knows 'softmax' and 'sigmoid'")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,4 +1,8 @@
-"""CLIP text tokenisation without torch: the token ids of ``open_clip.tokenize``.
+"""Text tokenisation without torch: the token ids of ``open_clip.tokenize`` (CLIP BPE,
+:class:`ClipTokenizer`) and of open_clip's ``HFTokenizer`` for models that name a Hugging Face
+tokenizer (SigLIP, SigLIP2: :class:`HfTokenizer`, the tokenizer JSON with its framing, after
+open_clip's cleaning). :func:`load_tokenizer` picks one from the text sidecar's ``tokenizer``.
+The rest of this docstring is about the CLIP BPE.
 
 Two halves, split by when they run:
 
@@ -370,3 +374,99 @@ class ClipTokenizer:
             row[1 + kept] = self.eot_id
             truncated.append(len(ids) > length - 2)
         return out, truncated
+
+
+# --- Hugging Face tokenizers as data (SigLIP, multilingual open_clip models) ------------------
+
+HF_CLEAN_FUNCTIONS = ("canonicalize", "lower", "whitespace")
+_PUNCTUATION = str.maketrans("", "", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # string.punctuation
+
+
+def hf_clean_text(text: str, clean: str) -> str:
+    """open_clip's ``get_clean_fn(clean)`` (what its HFTokenizer runs before the Hugging Face
+    tokenizer), stdlib only, minus ftfy's mojibake repair like :func:`clean_text`.
+
+    - ``whitespace``: ftfy, HTML-unescape twice, strip, collapse whitespace.
+    - ``lower``: the same, lowercased.
+    - ``canonicalize`` (SigLIP; big_vision's ``canonicalize_text``): ftfy, HTML-unescape
+      twice, strip, "_" to space, ASCII punctuation removed, lowercased, whitespace collapsed.
+
+    Raises ValueError for another ``clean``.
+    """
+    basic = html.unescape(html.unescape(_ftfy_fix_text(text))).strip()
+    if clean == "canonicalize":
+        return " ".join(basic.replace("_", " ").translate(_PUNCTUATION).lower().split()).strip()
+    if clean == "lower":
+        return " ".join(basic.split()).strip().lower()
+    if clean == "whitespace":
+        return " ".join(basic.split()).strip()
+    raise ValueError(f"unknown text cleaning {clean!r}; known: {list(HF_CLEAN_FUNCTIONS)}")
+
+
+class HfTokenizer:
+    """open_clip's ``HFTokenizer`` ids for batches of texts, torch- and transformers-free.
+
+    The tokenizer JSON is the model's own Hugging Face tokenizer with the framing open_clip
+    asks of it (``max_length=context_length, padding='max_length', truncation=True``) stored in
+    the file: its ``truncation`` (to the context length, special tokens included) and
+    ``padding`` (fixed to the context length with the pad id) sections, and its
+    post-processor (e.g. SigLIP's end-of-sequence token). The cleaning open_clip runs first
+    (``clean``) is done here in Python (:func:`hf_clean_text`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int, clean: str,
+                 strip_sep_id: int | None = None):
+        """Use :func:`load_tokenizer`. Raises ValueError for a file whose truncation or padding
+        does not match ``context_length``, or an unknown ``clean``."""
+        if clean not in HF_CLEAN_FUNCTIONS:
+            raise ValueError(f"unknown text cleaning {clean!r}; known: {list(HF_CLEAN_FUNCTIONS)}")
+        truncation, padding = tokenizer.truncation, tokenizer.padding
+        if not truncation or truncation["max_length"] != context_length:
+            raise ValueError(f"tokenizer truncation {truncation} does not cut at the context "
+                             f"length {context_length}")
+        if not padding or padding.get("length") != context_length:
+            raise ValueError(f"tokenizer padding {padding} does not pad to the context length "
+                             f"{context_length}")
+        self._tokenizer = tokenizer
+        self._clean = clean
+        self._strip_sep_id = strip_sep_id
+        self.context_length = context_length
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Token ids as open_clip's HFTokenizer gives them: int32 [len(texts), context_length]
+        and per text whether it was truncated. Raises TypeError for a single str."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a sequence of texts, not a single str")
+        cleaned = [hf_clean_text(text, self._clean) for text in texts]
+        encodings = self._tokenizer.encode_batch(cleaned) if cleaned else []
+        out = np.array([e.ids for e in encodings], dtype=np.int32).reshape(
+            len(cleaned), self.context_length)
+        if self._strip_sep_id is not None:  # open_clip's strip_sep_token: sep ids become 0
+            out[out == self._strip_sep_id] = 0
+        return out, [bool(e.overflowing) for e in encodings]
+
+
+def frame_hf_tokenizer(tokenizer: Tokenizer, context_length: int, pad_id: int,
+                       pad_token: str) -> Tokenizer:
+    """Give ``tokenizer`` (in place) open_clip's framing: truncation to ``context_length``
+    (special tokens included) and right padding to it with ``pad_id``; returns it."""
+    tokenizer.enable_truncation(max_length=context_length)
+    tokenizer.enable_padding(length=context_length, pad_id=pad_id, pad_token=pad_token)
+    return tokenizer
+
+
+def load_tokenizer(path: Path | str, context_length: int, spec: dict | None = None):
+    """The gateway's tokenizer of a text endpoint: a :class:`ClipTokenizer` for an empty
+    ``spec`` (a sidecar's ``tokenizer`` field: open_clip's CLIP BPE), an :class:`HfTokenizer`
+    for ``{"kind": "hf", "clean": ..., "strip_sep_id": ...}``.
+
+    Raises ValueError for an unknown kind; tokenizers' error for an unreadable file.
+    """
+    spec = spec or {}
+    kind = spec.get("kind", "clip")
+    if kind == "clip":
+        return ClipTokenizer.from_file(path, context_length)
+    if kind == "hf":
+        return HfTokenizer(Tokenizer.from_file(str(path)), context_length,
+                           spec.get("clean", "whitespace"), spec.get("strip_sep_id"))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in the sidecar; known: clip, hf")

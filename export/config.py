@@ -76,6 +76,10 @@ class ExportConfig(EvaluationData):
                 "architecture with a pretrained tag, checkpoint path or 'none'"})
     models_file: str = field(default="", metadata={
         "help": "file with one NAME[::WEIGHTS] per line; replaces --models"})
+    tokenizer: str = field(default="", metadata={
+        "help": "folder with the Hugging Face tokenizer files (tokenizer.json, "
+                "tokenizer_config.json) of a model that needs one (SigLIP, SigLIP2); empty: "
+                "the local Hugging Face cache. Nothing is downloaded"})
     precisions: tuple[str, ...] = field(default=("fp32", "fp16", "int8", "int4"), metadata={
         "help": "comma-separated precisions to export"})
     repository: str = field(default="model_repository", metadata={

@@ -12,14 +12,23 @@ import numpy as np
 from clipserve.calibration import cosine_rows
 
 
-def random_token_ids(context_length: int, batch: int, seed: int = 0) -> np.ndarray:
-    """Random valid CLIP token ids: sot, random BPE ids, eot, then zero padding."""
+CLIP_VOCAB_SIZE = 49408
+
+
+def random_token_ids(context_length: int, batch: int, seed: int = 0,
+                     vocab_size: int = CLIP_VOCAB_SIZE) -> np.ndarray:
+    """Random valid token ids: for CLIP's vocabulary sot, random BPE ids, eot, then zero
+    padding; for any other (SigLIP's 32k, a built-in's WordPiece) random ids below
+    ``vocab_size``, then zero padding (CLIP ids would index past its token embedding)."""
     rng = np.random.default_rng(seed)
     ids = np.zeros((batch, context_length), dtype=np.int32)
     for row in ids:
         n = int(rng.integers(1, context_length - 1))
-        row[0], row[n + 1] = 49406, 49407
-        row[1:n + 1] = rng.integers(256, 49406, n)
+        if vocab_size == CLIP_VOCAB_SIZE:
+            row[0], row[n + 1] = 49406, 49407
+            row[1:n + 1] = rng.integers(256, 49406, n)
+        else:
+            row[:n + 1] = rng.integers(1, vocab_size, n + 1)
     return ids
 
 

@@ -32,6 +32,7 @@ class TowerShapes:
     embed_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    vocab_size: int = 49408  # token ids must stay below it
 
 
 def tower_shapes(model) -> TowerShapes:
@@ -42,9 +43,11 @@ def tower_shapes(model) -> TowerShapes:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     with torch.no_grad():
         embed_dim = model.encode_text(torch.zeros(1, model.context_length, dtype=torch.int32)).shape[-1]
+    vocab = getattr(model, "vocab_size", None) or getattr(getattr(model, "text", None),
+                                                          "vocab_size", None) or 49408
     return TowerShapes(size, int(model.context_length), int(embed_dim),
                        tuple(cfg.get("mean", OPENAI_DATASET_MEAN)),
-                       tuple(cfg.get("std", OPENAI_DATASET_STD)))
+                       tuple(cfg.get("std", OPENAI_DATASET_STD)), int(vocab))
 
 
 def random_inputs(tower: Tower, shapes: TowerShapes, batch: int, seed: int = 0) -> np.ndarray:
@@ -54,7 +57,7 @@ def random_inputs(tower: Tower, shapes: TowerShapes, batch: int, seed: int = 0) 
         return rng.integers(0, 256, (batch, shapes.image_size, shapes.image_size, 3), dtype=np.uint8)
     from clipserve.export.evaluate import random_token_ids
 
-    return random_token_ids(shapes.context_length, batch, seed)
+    return random_token_ids(shapes.context_length, batch, seed, shapes.vocab_size)
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 from clipserve import calibration as cal
 from clipserve import stats
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.export import (evaluate, gpu_decode, models, ptq, quality, quantize, report,
-                              repository, runtimes)
+from clipserve.export import (evaluate, families, gpu_decode, models, ptq, quality, quantize,
+                              report, repository, runtimes)
 from clipserve.export.config import ExportConfig
 from clipserve.export import onnx_export as ox
 
@@ -102,19 +102,13 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
     return variants
 
 
-def _token_ids(tokenizer, texts: list[str]) -> np.ndarray:
-    return tokenizer(texts).numpy().astype(np.int32)
-
-
 def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: ExportConfig,
                   say, seed: int = 0) -> tuple[dict, dict]:
     """Export one model (one training seed of a built-in) to ONNX at every precision and
     measure it. Returns (context for writing endpoints, the ModelEvaluation)."""
-    import open_clip
-
     model = models.load(spec, Path(config.cache_dir), log=say, seed=seed)
     shapes = ox.tower_shapes(model)
-    native_temperature = float(1.0 / model.logit_scale.detach().exp())
+    native_temperature = families.native_scoring(model)  # softmax T, or sigmoid scale/bias
     tag = spec.scale if seed == 0 else f"{spec.scale}-seed{seed}"
     work = Path(config.cache_dir) / "work" / tag
     shutil.rmtree(work, ignore_errors=True)
@@ -128,11 +122,11 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
 
     suite = quality.build_suite(config, builtin=spec.weights == models.BUILTIN_WEIGHTS)
     labelled = suite.labelled
-    tokenizer = open_clip.get_tokenizer(spec.name)
-    prompt_ids = _token_ids(tokenizer, [t.format(c) for c in labelled.class_names
-                                        for t in labelled.templates])
-    caption_ids = (_token_ids(tokenizer, list(suite.retrieval.captions))
-                   if suite.retrieval else None)
+    tokenizer = families.text_tokenizer(spec.name, shapes.context_length, work / "tokenizer",
+                                        config.tokenizer)
+    prompt_ids = tokenizer([t.format(c) for c in labelled.class_names
+                            for t in labelled.templates])
+    caption_ids = tokenizer(list(suite.retrieval.captions)) if suite.retrieval else None
     probe_ids = ox.random_inputs(Tower.TEXT, shapes, 64, seed=7)
     probes = {Tower.IMAGE: _calibration_pixels(suite, shapes.image_size),
               Tower.TEXT: np.concatenate([prompt_ids, probe_ids])}
@@ -205,7 +199,8 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
                 "throughput_batch": config.throughput_batch,
             })
     context = {"spec": spec, "shapes": shapes, "variants": variants, "suite": suite,
-               "native_temperature": native_temperature, "served": served}
+               "native_temperature": native_temperature, "served": served,
+               "tokenizer": tokenizer}
     return context, result
 
 
@@ -222,6 +217,11 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
                 live_score: str, say) -> None:
     """Write one model's endpoints (config, ONNX, sidecar, OOD state) into the repository."""
     spec, shapes, suite = context["spec"], context["shapes"], context["suite"]
+    # The model's own tokenizer (families.text_tokenizer); CLIP BPE when absent or when it
+    # has no file of its own.
+    text_tokenizer = context.get("tokenizer")
+    tokenizer_sidecar = text_tokenizer.sidecar if text_tokenizer else {}
+    tokenizer_json = (text_tokenizer and text_tokenizer.json_path) or tokenizer_json
     for row in result.rows:
         precision, tower = Precision(row["precision"]), Tower(row["tower"])
         fields = {}
@@ -236,6 +236,7 @@ def write_model(context: dict, result, precisions, config: ExportConfig, tokeniz
             quantization=row["quantization"], output_formats=row["output_format_params"],
             gpu_decode=(gpu_decode.sidecar_field(endpoint_name(spec.scale, precision, tower))
                         if config.gpu_decode and tower is Tower.IMAGE else {}),
+            tokenizer=tokenizer_sidecar if tower is Tower.TEXT else {},
             **fields)
         repository.write_endpoint(
             Path(config.repository), context["variants"][precision, tower][0], sidecar,
@@ -280,6 +281,7 @@ def export(config: ExportConfig, log=print) -> list[dict]:
 
     say = _Clock(log)
     specs = config.model_specs()
+    families.preflight([s.name for s in specs], config.tokenizer)  # fails before any work
     precisions = [Precision.parse(p) for p in config.precisions]
     from clipserve import cpu as cpu_info
 

@@ -121,36 +121,50 @@ class PairScores:
     temperature_at_bound: bool
     thresholds: dict[str, float]
     ood_states: dict[str, dict]
+    scoring: cal.Scoring | None = None  # the fitted rule (temperature is its T)
+
+
+def _as_scoring(value) -> cal.Scoring | None:
+    if value is None or isinstance(value, cal.Scoring):
+        return value
+    return cal.Scoring("softmax", float(value))
 
 
 def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
-                native_temperature: float | None, shared_temperature: float | None,
-                captions: np.ndarray | None = None, knn_k: int = 10) -> PairScores:
+                native_temperature, shared_temperature,
+                captions: np.ndarray | None = None, knn_k: int = 10,
+                rule: str = "softmax") -> PairScores:
     """Score one pair: ``images`` from one image tower, ``classes`` [C, D] (and retrieval
-    ``captions``) from one text tower. ``shared_temperature`` is FP32's fitted T, so MCM
-    AUROC can be compared across precisions at one T (MCM's ranking depends on T)."""
+    ``captions``) from one text tower, under scoring rule ``rule`` ("softmax" or "sigmoid",
+    :class:`clipserve.calibration.Scoring`), whose parameters are fitted on the calibration
+    split. ``shared_temperature`` is FP32's fitted T (or its fitted Scoring), so MCM AUROC can
+    be compared across precisions at one T (MCM's ranking depends on T);
+    ``native_temperature`` the model's own (a T, or a Scoring such as SigLIP's own scale and
+    bias)."""
     cal_labels = suite.labelled.calibration.labels
     labels = suite.labelled.test.labels
     cos_cal = cal.label_cosines(images.calibration, classes)
     cos_test = cal.label_cosines(images.test, classes)
-    temperature, at_bound = cal.fit_temperature_checked(cos_cal, cal_labels)
-    probs = cal.softmax(cos_test, temperature)
+    fitted, at_bound = cal.fit_scoring_checked(rule, cos_cal, cal_labels)
+    temperature = fitted.temperature
+    probs = fitted.probabilities(cos_test)
     pred = cos_test.argmax(1)
     n_classes = classes.shape[0]
     top5 = None
     if n_classes > 5:
         top5 = cal.correct_per_item(cos_test, labels, k=5)
-    nll = cal.nll_per_item(cos_test, labels, temperature)
+    nll = fitted.nll_per_item(cos_test, labels)
     brier = cal.brier_from_probs(probs, labels)
 
     knn_state = cal.fit_knn(images.calibration, k=knn_k)
     maha_state = cal.fit_mahalanobis(images.calibration, cal_labels)
-    shared = shared_temperature or temperature
+    shared = _as_scoring(shared_temperature) or fitted
+    native = _as_scoring(native_temperature)
 
     def scores(emb):
         cos = cal.label_cosines(emb, classes)
-        return {"mcm": cal.score_mcm(cos, temperature),
-                "mcm_shared_t": cal.score_mcm(cos, shared),
+        return {"mcm": fitted.max_probability(cos),
+                "mcm_shared_t": shared.max_probability(cos),
                 "knn": cal.score_knn(knn_state, emb),
                 "mahalanobis": cal.score_mahalanobis(maha_state, emb)}
 
@@ -158,7 +172,7 @@ def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
     # scores are in-sample (a kNN bank holds the item itself; a Mahalanobis fit in 192
     # dimensions from ~27 items per class sits close to them): a threshold on them flagged
     # 23% of held-out digits instead of 5%. Their thresholds come from out-of-fold scores.
-    cal_scores = {"mcm": cal.score_mcm(images.calibration @ classes.T, temperature),
+    cal_scores = {"mcm": fitted.max_probability(images.calibration @ classes.T),
                   **out_of_fold_scores(images.calibration, cal_labels, knn_k)}
     thresholds = {name: cal.fit_ood_threshold(cal_scores[name]) for name in OOD_SCORES}
     shift = {}
@@ -166,7 +180,7 @@ def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
         cos = cal.label_cosines(emb, classes)
         split_labels = suite.shift[name].labels
         shift[name] = (cal.correct_per_item(cos, split_labels),
-                       cal.softmax(cos, temperature).max(1))
+                       fitted.probabilities(cos).max(1))
     retrieval = {}
     if images.retrieval is not None and captions is not None:
         from clipserve.export import datasets
@@ -176,13 +190,12 @@ def pair_scores(images: ImageEmbeddings, classes: np.ndarray, suite, *,
             retrieval.update({f"{direction}_r@{k}": np.asarray(h, bool) for k, h in per_k.items()})
     return PairScores(
         labels=labels, pred=pred, correct=pred == labels, top5=top5, confidence=probs.max(1),
-        confidence_native=(cal.softmax(cos_test, native_temperature).max(1)
-                           if native_temperature else None),
+        confidence_native=(native.probabilities(cos_test).max(1) if native else None),
         nll=nll, brier=brier, id_scores=scores(images.test),
         ood_scores={name: scores(emb) for name, emb in images.ood.items()},
         shift=shift, retrieval=retrieval, temperature=temperature,
         temperature_at_bound=at_bound, thresholds=thresholds,
-        ood_states={"knn": knn_state, "mahalanobis": maha_state})
+        ood_states={"knn": knn_state, "mahalanobis": maha_state}, scoring=fitted)
 
 
 
@@ -383,22 +396,47 @@ def choose_ood_score(configured: str, suite, fp32_row: dict) -> str:
     return max((s for s in aurocs if aurocs[s] is not None), key=lambda s: aurocs[s])
 
 
+def native_scoring(evaluation: dict, rule: str = "softmax") -> cal.Scoring | None:
+    """The model's own scoring from a sidecar's ``evaluation`` (what
+    :func:`image_sidecar_fields` recorded): None when it was not recorded."""
+    evaluation = evaluation or {}
+    if rule == "sigmoid" and evaluation.get("native_logit_scale"):
+        return cal.Scoring.sigmoid(evaluation["native_logit_scale"],
+                                   evaluation.get("native_logit_bias") or 0.0)
+    t = evaluation.get("native_temperature")
+    return cal.Scoring("softmax", t) if t and rule == "softmax" else None
+
+
+def _scoring_fields(rule: str, scoring: cal.Scoring | None) -> dict:
+    sigmoid = scoring is not None and scoring.rule == "sigmoid"
+    return {"scoring": rule, "logit_scale": scoring.scale if sigmoid else None,
+            "logit_bias": scoring.bias if sigmoid else None}
+
+
 def image_sidecar_fields(suite, fitted, precision: Precision, live_score: str,
-                         native_temperature: float | None, fitted_by: str) -> dict:
+                         native_temperature, fitted_by: str) -> dict:
     """The sidecar fields an image endpoint's live scoring reads. Without data from the
-    model's own domain, nothing is fitted: the gateway then leaves live OOD scoring off."""
+    model's own domain, nothing is fitted: the gateway then leaves live OOD scoring off.
+    ``native_temperature``: the model's own T, or its own :class:`clipserve.calibration.Scoring`
+    (whose rule the sidecar records even when nothing is fitted)."""
     labelled = suite.labelled
+    native = _as_scoring(native_temperature)
+    rule = native.rule if native else "softmax"
     evaluation = {"data": describe_suite(suite), "domain_measured": bool(suite.domain_measured),
                   "n_calibration": int(len(labelled.calibration.labels)),
                   "n_test": int(len(labelled.test.labels)), "fitted_by": fitted_by,
-                  "native_temperature": native_temperature}
+                  "native_temperature": native.temperature if native else None}
+    if rule == "sigmoid":
+        evaluation.update(native_logit_scale=native.scale, native_logit_bias=native.bias)
     if not suite.domain_measured:
         evaluation["note"] = ("quality was not measured on this model's domain; fit labels, "
                               "temperature and OOD threshold with --eval-data")
         return {"evaluation": evaluation, "temperature": None, "ood_threshold": None,
-                "labels": None, "prompts": None, "ood_score": None, "ood_state": None}
+                "labels": None, "prompts": None, "ood_score": None, "ood_state": None,
+                **_scoring_fields(rule, None)}
     scores = fitted[precision]
     return {"evaluation": evaluation, "temperature": scores.temperature,
+            **_scoring_fields(rule, scores.scoring),
             "ood_threshold": scores.thresholds[live_score], "ood_score": live_score,
             "ood_state": OOD_STATE_FILENAME if live_score in FEATURE_SCORES else None,
             "labels": list(labelled.class_names), "prompts": list(labelled.templates)}
@@ -425,13 +463,17 @@ def count_parameters(onnx_path) -> int:
 
 def evaluate_model(*, scale: str, sessions: dict, suite, prompt_ids: np.ndarray,
                    caption_ids: np.ndarray | None, probe_ids: np.ndarray, image_size: int,
-                   native_temperature: float | None, budget: dict[str, float],
+                   native_temperature, budget: dict[str, float],
                    n_resamples: int = 2000, seed: int = 0, say=print) -> ModelEvaluation:
     """Measure every precision in ``sessions`` ({(Precision, Tower): session}; FP32 must be
     there) on ``suite``. ``prompt_ids``: the class x template prompts, class-major;
     ``caption_ids``: the retrieval captions; ``probe_ids``: extra token ids (random) for the
-    text towers' fidelity. Returns rows carrying point values, deltas with intervals, flips
+    text towers' fidelity; ``native_temperature``: the model's own T, or its own
+    :class:`clipserve.calibration.Scoring`, whose rule (softmax or sigmoid) every pair is
+    scored and fitted with. Returns rows carrying point values, deltas with intervals, flips
     and the verdict per endpoint."""
+    native = _as_scoring(native_temperature)
+    rule = native.rule if native else "softmax"
     precisions = sorted({p for p, _ in sessions}, key=list(Precision).index)
     if Precision.FP32 not in precisions:
         raise ValueError("evaluation needs the FP32 endpoints as the reference")
@@ -452,10 +494,10 @@ def evaluate_model(*, scale: str, sessions: dict, suite, prompt_ids: np.ndarray,
     scored = {}
     for key in [(fp32, Tower.IMAGE)] + [k for k in pairs if k != (fp32, Tower.IMAGE)]:
         img, cls, cap = pairs[key]
-        scored[key] = pair_scores(img, cls, suite, native_temperature=native_temperature,
-                                  shared_temperature=shared_t, captions=cap)
+        scored[key] = pair_scores(img, cls, suite, native_temperature=native,
+                                  shared_temperature=shared_t, captions=cap, rule=rule)
         if key == (fp32, Tower.IMAGE):
-            shared_t = scored[key].temperature
+            shared_t = scored[key].scoring
     rows = []
     for p in precisions:
         for tower in Tower:
@@ -463,7 +505,9 @@ def evaluate_model(*, scale: str, sessions: dict, suite, prompt_ids: np.ndarray,
             ref = scored[fp32, tower]
             row = {"precision": p.value, "tower": tower.value, "n_test": int(len(s.labels)),
                    "n_calibration": int(len(suite.labelled.calibration.labels)),
-                   **summary(s, suite)}
+                   "scoring": rule, **summary(s, suite)}
+            if rule == "sigmoid" and tower is Tower.IMAGE:
+                row["logit_bias"] = s.scoring.bias
             row.update(_fidelity(images, classes, p, tower, text_probe))
             row.update(_output_formats(images[p], text_probe[p], len(prompt_ids), tower))
             if p is not fp32:

@@ -77,7 +77,7 @@ def write_sidecar_revision(endpoint: Path, fields: dict, live_score: str, states
 
 def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
     """Evaluate every (selected) scale of ``config.repository``; returns the report rows."""
-    from clipserve.tokenizer import ClipTokenizer
+    from clipserve.tokenizer import load_tokenizer
 
     repository = Path(config.repository)
     sidecars = _sidecars(repository)
@@ -95,8 +95,8 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
             raise ValueError(f"{scale} is not a built-in digits model: --write-sidecars fits "
                              "labels and thresholds to --eval-data, the labelled folder of "
                              "your model's domain")
-        tokenizer = ClipTokenizer.from_file(repository / text_name / TOKENIZER_FILENAME,
-                                            text_car.context_length)
+        tokenizer = load_tokenizer(repository / text_name / TOKENIZER_FILENAME,
+                                   text_car.context_length, text_car.tokenizer)
 
         def ids(texts):
             return tokenizer.encode(list(texts))[0]
@@ -107,7 +107,7 @@ def evaluate_repository(config: EvaluateConfig, log=print) -> list[dict]:
         probe_ids = evaluate.random_token_ids(text_car.context_length, 64, seed=7)
         sessions = {key: served_session(repository / name, key[0])
                     for key, (name, _) in mine.items() if key[0] in precisions}
-        native_t = (image_car.evaluation or {}).get("native_temperature")
+        native_t = quality.native_scoring(image_car.evaluation, image_car.scoring)
         log(f"[evaluate] {scale}: {', '.join(p.value for p in precisions)} on {quality.describe_suite(suite)}")
         result = quality.evaluate_model(
             scale=scale, sessions=sessions, suite=suite, prompt_ids=prompt_ids,

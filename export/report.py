@@ -216,9 +216,13 @@ def candidates_table(rows: list[dict]) -> list[str]:
 
 def scale_study(rows: list[dict]) -> list[dict]:
     """Per precision x tower x metric x model: every seed's delta, their mean and a t interval
-    across seeds, against the model's parameter count (image + text towers)."""
+    across seeds, against the model's parameter count (image + text towers). Only models
+    scored with the first model's rule: a softmax- and a sigmoid-trained model are not two
+    sizes of one model (they are compared by :func:`scoring_table`)."""
     from scipy import stats as sps
 
+    rules = [r.get("scoring", "softmax") for r in rows]
+    rows = [r for r, rule in zip(rows, rules) if rule == rules[0]] if rows else rows
     out = []
     keys = sorted({(r["precision"], r["tower"]) for r in rows if r["precision"] != "fp32"})
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -371,6 +375,33 @@ def notes(rows: list[dict], *, config: dict, budget: dict[str, float]) -> list[s
     return out
 
 
+SCORING_METRICS = (("ece", "Δ ECE (fitted)"), ("ece_native", "Δ ECE (own scale)"),
+                   ("ood_auroc", "Δ OOD AUROC (max prob.)"), ("fpr95", "Δ FPR@95"),
+                   ("ood_auroc_knn", "Δ AUROC kNN"))
+
+
+def scoring_table(rows: list[dict]) -> list[str]:
+    """How quantization moves calibration and OOD detection under each scoring rule: the
+    image rows' paired-bootstrap deltas against FP32 of softmax-trained (CLIP) and
+    sigmoid-trained (SigLIP) models side by side; empty unless both rules were exported."""
+    image = [r for r in _order(_served(rows)) if r["tower"] == "image"]
+    if len({r.get("scoring", "softmax") for r in image}) < 2:
+        return []
+    lines = ["| model | scoring | precision | " + " | ".join(t for _, t in SCORING_METRICS)
+             + " |", "|" + "---|" * (3 + len(SCORING_METRICS))]
+    for r in image:
+        if r["precision"] == "fp32":
+            continue
+        deltas = r.get("deltas", {})
+        lines.append(f"| {r['model']} | {r.get('scoring', 'softmax')} | {r['precision']} | "
+                     + " | ".join(fmt_delta(m, deltas.get(m)) for m, _ in SCORING_METRICS) + " |")
+    lines += ["", "Deltas against each model's own FP32 with paired bootstrap 95% intervals. "
+              "Softmax: ECE on the top softmax probability, OOD by MCM; sigmoid: ECE on the top "
+              "label's sigmoid probability, OOD by the largest sigmoid probability (its ranking "
+              "is that of the largest cosine, so it does not depend on the fitted scale)."]
+    return lines
+
+
 def markdown(rows: list[dict], note_lines: list[str]) -> str:
     """The report as Markdown: verdicts first, then the tables and notes."""
     study = scale_study(rows)
@@ -382,7 +413,8 @@ def markdown(rows: list[dict], note_lines: list[str]) -> str:
                          ("Retrieval (recall@k; Δ against FP32)", retrieval_table(rows)),
                          ("Embedding output formats (vector databases)", formats_table(rows)),
                          ("Quantization candidates (measured on the calibration split)",
-                          candidates_table(rows))):
+                          candidates_table(rows)),
+                         ("Softmax vs sigmoid scoring under quantization", scoring_table(rows))):
         if table:
             lines += ["", f"## {title}", "", *table]
     if study:

@@ -5,6 +5,13 @@ The models are open_clip's own ``CLIP`` class built from a registered model conf
 have ten classes, so a batch holds many images of the same class: every same-class
 image/caption pair is treated as a positive (a soft target spread over them) instead of
 open_clip's ClipLoss one-positive diagonal, which would push apart identical concepts.
+
+``digits-siglip-*`` have the same towers plus a logit bias, and train with open_clip's
+``SigLipLoss`` (sigmoid of scale * cos + bias per pair) with the same-class positives, on ids
+from the WordPiece tokenizer clipserve builds (``export/families.py``). SigLIP initialises the
+bias at -10 for batches of 32k pairs with one positive each; here 5 of an image's 50 captions
+are positives, and at -10 the model sat at the collapsed optimum (every cosine equal, loss
+16.2 for 200 steps), so the bias starts at the prior log-odds log(5/45) = -2.2.
 Training is reproducible (fixed seeds, single process) and cached by a hash of the recipe.
 """
 
@@ -45,7 +52,7 @@ class Recipe:
 
 # Wider models collapse to constant embeddings (loss stuck at the uniform value) at 2e-3;
 # 5e-4 with a longer warm-up trains them.
-RECIPES = {"digits-s": Recipe(steps=500),
+RECIPES = {"digits-s": Recipe(steps=500), "digits-siglip-s": Recipe(steps=500),
            "digits-m": Recipe(steps=500, lr=5e-4, warmup_steps=100),
            "digits-l": Recipe(steps=500, lr=5e-4, warmup_steps=100)}
 
@@ -67,11 +74,16 @@ def recipe_for(name: str, seed: int = 0) -> Recipe:
 def checkpoint_path(name: str, cache_dir: Path, seed: int = 0) -> Path:
     """Where the trained weights of built-in ``name`` are cached: the file name carries a hash
     of everything that determines them, so a changed recipe or config trains anew."""
-    key = json.dumps({
+    recipe = {
         "config": json.loads((MODEL_CONFIG_DIR / f"{name}.json").read_text()),
         "recipe": asdict(recipe_for(name, seed)),
         "version": RECIPE_VERSION,
-    }, sort_keys=True)
+    }
+    if name.startswith("digits-siglip"):  # its ids come from the committed vocabulary
+        from clipserve.export import families
+
+        recipe["tokenizer"] = hashlib.sha256(families.DIGITS_TOKENIZER.read_bytes()).hexdigest()
+    key = json.dumps(recipe, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / "checkpoints" / f"{name}-{digest}.pt"
 
@@ -86,6 +98,32 @@ def _augment(images, generator):
     out = torch.stack([padded[i, :, dy[i]:dy[i] + s, dx[i]:dx[i] + s] for i in range(n)])
     scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
     return (out * scale).clamp(0, 255).permute(0, 2, 3, 1)
+
+
+def _sigmoid_loss():
+    """open_clip's SigLipLoss, fed every same-class (image, caption) pair as a positive."""
+    import torch.nn.functional as F
+    from open_clip.loss import SigLipLoss
+
+    class MultiPositiveSigLipLoss(SigLipLoss):
+        def forward(self, image_features, text_features, logit_scale, logit_bias, positives):
+            logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+            # SigLipLoss._loss with its +1 diagonal / -1 elsewhere labels replaced by the
+            # same-class mask (the diagonal would call a caption of the same digit negative).
+            return -F.logsigmoid((2 * positives - 1) * logits).sum() / image_features.shape[0]
+
+    return MultiPositiveSigLipLoss()
+
+
+def _contrastive_loss(logits, positives):
+    loss_image = -(positives / positives.sum(1, keepdim=True)
+                   * logits.log_softmax(1)).sum(1).mean()
+    # Captions whose class is absent from this batch have no positive image: skip them.
+    present = positives.sum(0) > 0
+    positives_t = positives.T[present]
+    loss_text = -(positives_t / positives_t.sum(1, keepdim=True)
+                  * logits.T[present].log_softmax(1)).sum(1).mean()
+    return (loss_image + loss_text) / 2
 
 
 def train(name: str, cache_dir: Path, log=print, seed: int = 0):
@@ -109,9 +147,14 @@ def train(name: str, cache_dir: Path, log=print, seed: int = 0):
 
     generator = torch.Generator().manual_seed(recipe.seed)
     data = digits.load(model.visual.image_size[0], seed=DATA_SEED)
-    tokenizer = open_clip.get_tokenizer(name)
+    from clipserve.export import families
+
+    tokenizer = families.text_tokenizer(name, model.context_length,
+                                        Path(cache_dir) / "tokenizers" / name)
     # Every (class, template) caption, encoded each step: 50 texts instead of one per image.
-    prompt_tokens = tokenizer([t.format(c) for c in digits.CLASS_NAMES for t in digits.PROMPTS])
+    prompt_tokens = torch.from_numpy(tokenizer(
+        [t.format(c) for c in digits.CLASS_NAMES for t in digits.PROMPTS])).long()
+    sigmoid_loss = _sigmoid_loss() if model.logit_bias is not None else None
     prompt_class = torch.arange(10).repeat_interleave(len(digits.PROMPTS))
     images = torch.from_numpy(data.train.images)
     labels = torch.from_numpy(data.train.labels)
@@ -132,16 +175,13 @@ def train(name: str, cache_dir: Path, log=print, seed: int = 0):
         pixels = normalize_pixels(_augment(images[idx], generator), mean, std)
         image_features = model.encode_image(pixels, normalize=True)
         text_features = model.encode_text(prompt_tokens, normalize=True)
-        logits = model.logit_scale.exp() * image_features @ text_features.T  # [B, 50]
-        positives = (labels[idx][:, None] == prompt_class[None, :]).float()
-        loss_image = -(positives / positives.sum(1, keepdim=True)
-                       * logits.log_softmax(1)).sum(1).mean()
-        # Captions whose class is absent from this batch have no positive image: skip them.
-        present = positives.sum(0) > 0
-        positives_t = positives.T[present]
-        loss_text = -(positives_t / positives_t.sum(1, keepdim=True)
-                      * logits.T[present].log_softmax(1)).sum(1).mean()
-        loss = (loss_image + loss_text) / 2
+        positives = (labels[idx][:, None] == prompt_class[None, :]).float()  # [B, 50]
+        if sigmoid_loss is not None:
+            loss = sigmoid_loss(image_features, text_features, model.logit_scale.exp(),
+                                model.logit_bias, positives)
+        else:
+            loss = _contrastive_loss(
+                model.logit_scale.exp() * image_features @ text_features.T, positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,8 +189,9 @@ def train(name: str, cache_dir: Path, log=print, seed: int = 0):
         with torch.no_grad():  # CLIP clamps the learned temperature at 100
             model.logit_scale.clamp_(0, np.log(100))
         if step % 100 == 0 or step == recipe.steps - 1:
+            bias = "" if sigmoid_loss is None else f" logit_bias {model.logit_bias.item():.2f}"
             log(f"[train] {name}: step {step + 1}/{recipe.steps} loss {loss.item():.3f} "
-                f"logit_scale {model.logit_scale.exp().item():.1f} "
+                f"logit_scale {model.logit_scale.exp().item():.1f}{bias} "
                 f"({time.monotonic() - start:.0f}s)")
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,8 +120,10 @@ async def warm_request_path(decoder: ImageDecoder, catalog: Catalog, tokenizers:
 
 
 def load_tokenizers(catalog: Catalog) -> dict:
-    """Text endpoint name -> ClipTokenizer; raises ValueError when a tokenizer is missing."""
-    from clipserve.tokenizer import ClipTokenizer
+    """Text endpoint name -> its tokenizer (CLIP BPE, or the Hugging Face tokenizer the
+    sidecar names: clipserve.tokenizer.load_tokenizer); raises ValueError when one is
+    missing."""
+    from clipserve.tokenizer import load_tokenizer
 
     tokenizers = {}
     for spec in catalog:
@@ -129,8 +131,9 @@ def load_tokenizers(catalog: Catalog) -> dict:
             if not spec.tokenizer_path.is_file():
                 raise ValueError(f"text endpoint {spec.name} has no {spec.tokenizer_path.name}; "
                                  "re-export the repository")
-            tokenizers[spec.name] = ClipTokenizer.from_file(spec.tokenizer_path,
-                                                            spec.sidecar.context_length)
+            tokenizers[spec.name] = load_tokenizer(spec.tokenizer_path,
+                                                   spec.sidecar.context_length,
+                                                   spec.sidecar.tokenizer)
     return tokenizers
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from clipserve.calibration import label_cosines, load_ood_state, score_mcm, score_ood, softmax
+from clipserve.calibration import label_cosines, load_ood_state, score_ood
 from clipserve.endpoints import Tower
 
 from .config import ServerConfig
@@ -113,13 +113,14 @@ class LiveQuality:
         """The endpoint's live OOD score of each image (higher = more in-distribution),
         comparable with ``spec.sidecar.ood_threshold``: MCM over ``cosines`` (the images
         against a label set) at the fitted T, or the sidecar's feature-space score of the
-        embeddings themselves (label-free). ``probabilities``: softmax(cosines, T) when the
-        caller computed it already (MCM is its row max, so it is not computed twice)."""
+        embeddings themselves (label-free). ``probabilities``: the sidecar's scoring rule's
+        probabilities of ``cosines`` when the caller computed them already (MCM, or the max
+        sigmoid probability of a sigmoid model, is their row max: not computed twice)."""
         car = spec.sidecar
         if car.ood_score in (None, "mcm"):
             if probabilities is not None:
                 return probabilities.max(axis=-1)
-            return score_mcm(cosines, car.temperature)
+            return car.scoring_rule().max_probability(cosines)
         key = (spec.name, car.revision)
         state = self._ood_states.get(key)
         if state is None:
@@ -214,7 +215,7 @@ class LiveQuality:
                                            len(vectors))
         else:
             cosines = label_cosines(vectors, label_vectors)
-            probabilities = softmax(cosines, spec.sidecar.temperature)
+            probabilities = spec.sidecar.scoring_rule().probabilities(cosines)
             self.record(spec, key, probabilities,
                         self.ood_scores(spec, vectors, cosines, probabilities), request_id)
         if pixels is not None:

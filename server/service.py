@@ -29,7 +29,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 import grpc
 import numpy as np
 
-from clipserve.calibration import label_cosines, softmax
+from clipserve.calibration import label_cosines
 from clipserve.endpoints import Precision, Tower, endpoint_name
 from clipserve.formats import OutputFormat, encode
 
@@ -479,7 +479,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         else:
             pixels, image_emb = await image_vectors()
         cosines = label_cosines(image_emb, label_emb)
-        probabilities = softmax(cosines, sidecar.temperature)
+        probabilities = sidecar.scoring_rule().probabilities(cosines)  # softmax or sigmoid
         ood_scores = self.live.ood_scores(image_spec, image_emb, cosines, probabilities)
         self.live.classified(image_spec, key, probabilities, ood_scores, stored_id, pixels,
                              image_emb)

@@ -134,7 +134,7 @@ class Shadow:
             self._embed(reference, job.pixels), self._labels.get(job.key),
             self._labels.get(ref_key))
         cosines, kl, agreements = await asyncio.to_thread(
-            compare_to_reference, job.embeddings, served_labels, spec.sidecar.temperature,
-            ref_vectors, ref_labels, reference.sidecar.temperature)
+            compare_to_reference, job.embeddings, served_labels, spec.sidecar.scoring_rule(),
+            ref_vectors, ref_labels, reference.sidecar.scoring_rule())
         self._metrics.observe_shadow(spec.scale, spec.precision, self.reference, cosines, kl,
                                      agreements)

@@ -7,7 +7,7 @@ from clipserve.export.config import ExportConfig
 def test_builtin_models_need_no_weights():
     spec = models.parse_model("digits-m")
     assert spec == models.ModelSpec("digits-m", "builtin") and spec.scale == "digits-m"
-    assert set(train.BUILTIN_MODELS) == {"digits-s", "digits-m", "digits-l"}
+    assert set(train.BUILTIN_MODELS) == {"digits-s", "digits-m", "digits-l", "digits-siglip-s"}
 
 
 def test_unknown_architecture_lists_the_known_ones():

@@ -64,7 +64,7 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
             built["probe"] = ptq.CalibrationProbe.build(
                 {t: evaluate.make_session(fp32[t]) for t in Tower}, probes[Tower.IMAGE],
                 labelled["labels"], probes[Tower.TEXT], labelled["n_prompts"],
-                labelled["n_classes"])
+                labelled["n_classes"], labelled.get("rule", "softmax"))
         return built["probe"]
 
     for tower in Tower:
@@ -134,7 +134,8 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     variants = _make_variants(fp32, work, precisions, config, probes,
                               lambda m: say(f"{tag} {m}"),
                               {"labels": calibration_labels, "n_prompts": len(prompt_ids),
-                               "n_classes": len(labelled.class_names)})
+                               "n_classes": len(labelled.class_names),
+                               "rule": native_temperature.rule})
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
     # Each endpoint is measured on the runtime it will be served with.
     served = {key: ("onnxruntime", None) for key in variants}

@@ -51,7 +51,8 @@ class CalibrationProbe:
 
     images: calibration pixels; labels: their classes; text: prompt ids (class-major,
     ``n_prompts`` rows) followed by extra token ids; fp32_images/fp32_text: FP32's embeddings
-    of them; n_classes: labels in the prompt set."""
+    of them; n_classes: labels in the prompt set; rule: the model's scoring rule (softmax or
+    sigmoid), fitted per candidate for its ECE."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -60,12 +61,14 @@ class CalibrationProbe:
     n_classes: int
     fp32_images: np.ndarray
     fp32_text: np.ndarray
+    rule: str = "softmax"
 
     @classmethod
-    def build(cls, fp32_sessions: dict, images, labels, text, n_prompts, n_classes):
+    def build(cls, fp32_sessions: dict, images, labels, text, n_prompts, n_classes,
+              rule: str = "softmax"):
         return cls(images=images, labels=np.asarray(labels), text=text, n_prompts=n_prompts,
                    n_classes=n_classes, fp32_images=embed(fp32_sessions[Tower.IMAGE], images),
-                   fp32_text=embed(fp32_sessions[Tower.TEXT], text))
+                   fp32_text=embed(fp32_sessions[Tower.TEXT], text), rule=rule)
 
     def inputs(self, tower: Tower) -> np.ndarray:
         return self.images if tower is Tower.IMAGE else self.text
@@ -75,9 +78,9 @@ class CalibrationProbe:
 
     def _per_item(self, image_embeddings, classes):
         cosines = cal.label_cosines(image_embeddings, classes)
-        temperature, _ = cal.fit_temperature_checked(cosines, self.labels)
+        scoring, _ = cal.fit_scoring_checked(self.rule, cosines, self.labels)
         correct = cosines.argmax(1) == self.labels
-        return correct, cal.softmax(cosines, temperature).max(1)
+        return correct, scoring.max_probability(cosines)
 
     def quality(self, tower: Tower, embeddings: np.ndarray, budget: dict,
                 n_resamples: int = CANDIDATE_RESAMPLES) -> dict:

@@ -299,3 +299,27 @@ def test_reduce_range_only_on_a_cpu_without_vnni(towers, tmp_path, monkeypatch, 
                                 TEXT_INPUT, [inputs])
         assert info["reduce_range"] is expected
         assert ("reduce_range" in info["weights"]) is expected
+
+
+def test_the_probe_scores_candidates_under_the_models_own_rule():
+    from clipserve import calibration as cal
+
+    rng = np.random.default_rng(0)
+    n, k, d = 60, 4, 16
+    classes = rng.normal(size=(k, d))
+    labels = rng.integers(0, k, n)
+    images = classes[labels] + 0.8 * rng.normal(size=(n, d))
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    text = classes / np.linalg.norm(classes, axis=1, keepdims=True)
+    cosines = cal.label_cosines(images, cal.average_prompts(text, k))
+    for rule in ("softmax", "sigmoid"):
+        probe = ptq.CalibrationProbe(images=images, labels=labels, text=text, n_prompts=k,
+                                     n_classes=k, fp32_images=images, fp32_text=text, rule=rule)
+        correct, confidence = probe._per_item(images, cal.average_prompts(text, k))
+        want = cal.fit_scoring_checked(rule, cosines, labels)[0].max_probability(cosines)
+        np.testing.assert_allclose(confidence, want, rtol=1e-6)
+        assert (correct == (cosines.argmax(1) == labels)).all()
+    # the rules give different confidences: sigmoid's need not be a softmax's
+    soft = ptq.CalibrationProbe(images, labels, text, k, k, images, text, "softmax")
+    sig = ptq.CalibrationProbe(images, labels, text, k, k, images, text, "sigmoid")
+    assert not np.allclose(soft._per_item(images, text)[1], sig._per_item(images, text)[1])

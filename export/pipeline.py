@@ -111,6 +111,19 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
     return variants
 
 
+def _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
+                        ids, native_temperature, say) -> None:
+    """--qat: fine-tune, quantize through :func:`_make_variants` (the same quantizers), measure
+    beside PTQ on the same test split and keep the better graph in ``variants``."""
+    from clipserve.export import qat
+
+    prompt_ids, caption_ids, probe_ids = ids
+    qat.run_stage(model, spec=spec, config=config, shapes=shapes, tokenizer=tokenizer,
+                  work=work, variants=variants, probes=probes, suite=suite,
+                  prompt_ids=prompt_ids, caption_ids=caption_ids, probe_ids=probe_ids,
+                  native_temperature=native_temperature, make_variants=_make_variants, say=say)
+
+
 def _token_ids(tokenizer, texts: list[str]) -> np.ndarray:
     return tokenizer(texts).numpy().astype(np.int32)
 
@@ -147,6 +160,10 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
               Tower.TEXT: np.concatenate([prompt_ids, probe_ids])}
     variants = _make_variants(fp32, work, precisions, config, probes,
                               lambda m: say(f"{tag} {m}"))
+    if config.qat and seed == 0:
+        _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
+                            (prompt_ids, caption_ids, probe_ids), native_temperature,
+                            lambda m: say(f"{tag} {m}"))
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
     # Each endpoint is measured on the runtime it will be served with.
     served = {key: ("onnxruntime", None) for key in variants}
@@ -286,6 +303,9 @@ def export(config: ExportConfig, log=print) -> list[dict]:
 
     say = _Clock(log)
     specs = config.model_specs()
+    from clipserve.export import qat
+
+    qat.check_data(specs, config)  # --qat on an open_clip model needs the user's images
     precisions = [Precision.parse(p) for p in config.precisions]
     from clipserve import cpu as cpu_info
 

@@ -460,7 +460,7 @@ def train_qat(teacher, scheme: Scheme, data: TrainingData, tokenizer, *,
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         1.0, (s + 1) / recipe.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / recipe.steps)))
-    losses, gated = [], []
+    losses, gated, aligns = [], [], []
     log(f"[qat] {scheme.precision}: {recipe.steps} steps of {recipe.batch_size} on "
         f"{len(labels)} images ({data.source}); gate {recipe.gate}")
     for step in range(recipe.steps):
@@ -486,6 +486,7 @@ def train_qat(teacher, scheme: Scheme, data: TrainingData, tokenizer, *,
         schedule.step()
         losses.append(float(loss.detach()))
         gated.append(share)
+        aligns.append(float(align.detach()))
         if step % 25 == 0 or step == recipe.steps - 1:
             log(f"[qat] {scheme.precision}: step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
                 f"(distil {distil.item():.4f}, align {align.item():.5f}, distilled "
@@ -502,6 +503,10 @@ def train_qat(teacher, scheme: Scheme, data: TrainingData, tokenizer, *,
         "embed_weight": recipe.embed_weight, "loss_first": round(float(np.mean(losses[:tail])), 5),
         "loss_last": round(float(np.mean(losses[-tail:])), 5),
         "distilled_share": round(float(np.mean(gated)), 4),
+        # 1 - cos to FP32 (images + texts): what QAT closes; the total also carries the label
+        # cross-entropy of the few ungated items, which is noisier than its trend.
+        "align_first": round(float(np.mean(aligns[:tail])), 6),
+        "align_last": round(float(np.mean(aligns[-tail:])), 6),
         "activation_points": len(ranges), "train_images": int(len(labels)),
         "data": data.source, "seconds": round(time.monotonic() - start, 1),
         "loss": "gated KL on zero-shot logits (CE to the label below the gate) + "

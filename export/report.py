@@ -173,7 +173,7 @@ def retrieval_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-QAT_METRICS = ["top1", "ece", "ood_auroc"]
+QAT_METRICS = ["top1", "ece", "nll", "ood_auroc"]
 
 
 def qat_table(rows: list[dict]) -> list[str]:

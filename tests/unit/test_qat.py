@@ -173,3 +173,24 @@ def test_config_rejects_bad_qat_flags(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         ExportConfig(**kwargs)
+
+
+def test_train_data_folder_is_loaded_whole_with_its_own_classes(tmp_path):
+    """--train-data: every image of the folder (both of its split halves), its class folders
+    as labels, at the model's input size."""
+    from PIL import Image
+
+    from clipserve.export.config import ExportConfig
+    from clipserve.export.models import ModelSpec
+
+    for name, shade in (("cat", 40), ("dog", 200)):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 12), (shade, i * 50, 0)).save(tmp_path / "train" / name / f"{i}.png")
+    config = ExportConfig(models="RN50::none", precisions=("fp32", "int4"), qat=True,
+                          train_data=str(tmp_path / "train"))
+    data = qat.training_data(ModelSpec("RN50", "none"), config, suite=None, image_size=16)
+    assert data.images.shape == (6, 16, 16, 3) and data.images.dtype == np.uint8
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert data.class_names == ("cat", "dog") and "train" in data.source
+    assert data.prompts[0].count("cat") == 1

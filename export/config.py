@@ -152,6 +152,25 @@ class ExportConfig(EvaluationData):
     inter_op_threads: int = field(default=1, metadata={
         "help": "onnxruntime inter-op threads (above 1 runs the graph with ORT_PARALLEL); "
                 "GPU backend: inter_op_thread_count; OpenVINO: not used"})
+    # Quantization-aware training (export/qat.py); validated by _check_qat.
+    qat: bool = field(default=False, metadata={
+        "help": "also fine-tune each model with fake quantization matching the deployed "
+                "scheme (distilled from FP32), quantize it with the same quantizer, measure it "
+                "beside the post-training one on the same test split and serve the better "
+                "(recorded in the sidecar's quantization.qat). Built-in models train on the "
+                "digits training split; open_clip models need --eval-data or --train-data"})
+    qat_precisions: tuple[str, ...] = field(default=(), metadata={
+        "help": "with --qat: the precisions to fine-tune (int8, int4; each must be exported). "
+                "Empty: whichever of int8 and int4 --precisions exports"})
+    qat_steps: int = field(default=0, metadata={
+        "help": "with --qat: optimizer steps per precision (0: the recipe's default)"})
+    qat_gate: float = field(default=0.5, metadata={
+        "help": "with --qat: teacher max probability at or above which its logits are "
+                "distilled; items below it learn from their label instead"})
+    train_data: str = field(default="", metadata={
+        "help": "with --qat: labelled image folder (one sub-folder per class) to fine-tune "
+                "on. Empty: the built-in digits training split, or --eval-data's calibration "
+                "split for open_clip models"})
     allow_spinning: bool = field(default=False, metadata={
         "help": "python backend with onnxruntime: let idle worker threads spin "
                 "(session.intra_op/inter_op.allow_spinning). Off: spinning burns the cores "
@@ -178,6 +197,28 @@ class ExportConfig(EvaluationData):
             raise ValueError(f"int4 block size must be a power of two >= 16, got {b}")
         self._check_methods()
         self.serving_policy()  # raises ValueError on a bad batching, warm-up or thread flag
+        self._check_qat()
+
+    def _check_qat(self) -> None:
+        if not self.qat:
+            if self.train_data:
+                raise ValueError("--train-data is what --qat fine-tunes on: add --qat")
+            return
+        if not {"int8", "int4"} & set(self.precisions):
+            raise ValueError("--qat fine-tunes for int8 or int4: add one to --precisions "
+                             f"(got {','.join(self.precisions)})")
+        for p in self.qat_precisions:
+            if p not in ("int8", "int4"):
+                raise ValueError(f"--qat-precisions: {p!r} cannot be fine-tuned; valid: int8, int4")
+            if p not in self.precisions:
+                raise ValueError(f"--qat-precisions names {p}, which --precisions does not "
+                                 f"export ({','.join(self.precisions)})")
+        if self.tensorrt and "int8" in self.qat_precisions:
+            raise ValueError("--qat int8 mimics the CPU's uint8 Q/DQ scheme, not --tensorrt's "
+                             "symmetric int8: use --qat-precisions int4 with --tensorrt")
+        if self.qat_steps < 0 or not 0.0 <= self.qat_gate <= 1.0:
+            raise ValueError(f"--qat-steps must be >= 0 and --qat-gate in [0, 1], got "
+                             f"{self.qat_steps} and {self.qat_gate}")
 
     def _check_methods(self) -> None:
         from clipserve.export import recipes

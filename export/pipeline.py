@@ -102,6 +102,20 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
     return variants
 
 
+def _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
+                        ids, native_temperature, labelled_probe, say) -> None:
+    """--qat: fine-tune, quantize through :func:`_make_variants` (the same quantizers), measure
+    beside PTQ on the same test split and keep the better graph in ``variants``."""
+    from clipserve.export import qat
+
+    prompt_ids, caption_ids, probe_ids = ids
+    qat.run_stage(model, spec=spec, config=config, shapes=shapes, tokenizer=tokenizer,
+                  work=work, variants=variants, probes=probes, suite=suite,
+                  prompt_ids=prompt_ids, caption_ids=caption_ids, probe_ids=probe_ids,
+                  native_temperature=native_temperature,
+                  make_variants=lambda *a: _make_variants(*a, labelled_probe), say=say)
+
+
 def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: ExportConfig,
                   say, seed: int = 0) -> tuple[dict, dict]:
     """Export one model (one training seed of a built-in) to ONNX at every precision and
@@ -131,11 +145,14 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
     probes = {Tower.IMAGE: _calibration_pixels(suite, shapes.image_size),
               Tower.TEXT: np.concatenate([prompt_ids, probe_ids])}
     calibration_labels = np.asarray(labelled.calibration.labels)[_calibration_indices(suite)]
+    labelled_probe = {"labels": calibration_labels, "n_prompts": len(prompt_ids),
+                      "n_classes": len(labelled.class_names), "rule": native_temperature.rule}
     variants = _make_variants(fp32, work, precisions, config, probes,
-                              lambda m: say(f"{tag} {m}"),
-                              {"labels": calibration_labels, "n_prompts": len(prompt_ids),
-                               "n_classes": len(labelled.class_names),
-                               "rule": native_temperature.rule})
+                              lambda m: say(f"{tag} {m}"), labelled_probe)
+    if config.qat and seed == 0:
+        _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
+                            (prompt_ids, caption_ids, probe_ids), native_temperature,
+                            labelled_probe, lambda m: say(f"{tag} {m}"))
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
     # Each endpoint is measured on the runtime it will be served with.
     served = {key: ("onnxruntime", None) for key in variants}
@@ -283,6 +300,10 @@ def export(config: ExportConfig, log=print) -> list[dict]:
     say = _Clock(log)
     specs = config.model_specs()
     families.preflight([s.name for s in specs], config.tokenizer)  # fails before any work
+
+    from clipserve.export import qat
+
+    qat.check_data(specs, config)  # --qat on an open_clip model needs the user's images
     precisions = [Precision.parse(p) for p in config.precisions]
     from clipserve import cpu as cpu_info
 

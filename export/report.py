@@ -212,6 +212,32 @@ def candidates_table(rows: list[dict]) -> list[str]:
     return lines + notes
 
 
+QAT_METRICS = ["top1", "ece", "nll", "ood_auroc"]
+
+
+def qat_table(rows: list[dict]) -> list[str]:
+    """QAT beside PTQ per model and precision (image endpoints): each one's delta against
+    FP32 and the paired QAT - PTQ delta, all on the same test items, and which one is served
+    (``quantization.qat``, written by export/qat.py)."""
+    entries = [r for r in _order(_served(rows)) if r["tower"] == "image"
+               and (r.get("quantization") or {}).get("qat")]
+    if not entries:
+        return []
+    head = ["model", "precision", "served"] + [
+        f"{TITLES[m]} Δ {k}" for m in QAT_METRICS for k in ("PTQ", "QAT", "QAT-PTQ")] + [
+        "QAT steps (epochs)", "distilled", "why"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in entries:
+        q = r["quantization"]["qat"]
+        cells = [r["model"], r["precision"], f"**{q['served'].upper()}**"]
+        for m in QAT_METRICS:
+            cells += [fmt_delta(m, q[k].get(m)) for k in ("ptq", "qat", "qat_minus_ptq")]
+        t = q["training"]
+        cells += [f"{t['steps']} ({t['epochs']})", f"{t['distilled_share']:.0%}", q["why"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # -- the scale study -------------------------------------------------------------------------
 
 def scale_study(rows: list[dict]) -> list[dict]:
@@ -408,7 +434,9 @@ def markdown(rows: list[dict], note_lines: list[str]) -> str:
     trends = scale_trends(study)
     lines = ["# clipserve export report", "", "## Verdict per endpoint (against FP32)", "",
              *verdict_table(rows), "", "## Quality", "", *quality_table(rows)]
-    for title, table in (("OOD detection (AUROC per score)", ood_table(rows)),
+    for title, table in (("Quantization-aware training beside post-training quantization",
+                          qat_table(rows)),
+                         ("OOD detection (AUROC per score)", ood_table(rows)),
                          ("Covariate shift", shift_table(rows)),
                          ("Retrieval (recall@k; Δ against FP32)", retrieval_table(rows)),
                          ("Embedding output formats (vector databases)", formats_table(rows)),

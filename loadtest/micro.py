@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from clipserve import cpu
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
+from clipserve.server.app import limit_blas_threads
 from clipserve.server.config import ServerConfig
 from clipserve.server.health import BackendState
 from clipserve.server.images import ImageDecoder
@@ -362,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
                         help="the server's coalesce setting (calls here never overlap: this "
                              "measures what the coalescer costs a call that goes straight on)")
+    parser.add_argument("--blas-threads", type=int, default=ServerConfig.blas_threads,
+                        help="cap numpy's BLAS threads as the server does (its blas_threads "
+                             "setting, default 1; 0: the library's default)")
     parser.add_argument("--baseline", type=Path,
                         help="a saved --json run to compare with (e.g. "
                              "benchmarks/micro-before.json)")
@@ -381,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(d < 1 for d in dims) or any(b < 1 for b in batches) or args.calls < 1:
         print("micro: --dims, --batches and --calls must be positive", file=sys.stderr)
         return 2
+    # The servicer runs in this process: cap BLAS as serve() does, so live scoring's small
+    # matrix products cost what they cost in the gateway (no spinning BLAS worker threads).
+    blas_pools = limit_blas_threads(args.blas_threads)
     info = cpu.detect()
     load_before = os.getloadavg()
 
@@ -411,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "label": args.label, "outcome_sample_fraction": args.outcome_sample_fraction,
             "dim": dims[0], "dims": list(dims), "coalesce": args.coalesce,
+            "blas_threads": args.blas_threads,
+            "blas_pools": [{k: p.get(k) for k in ("internal_api", "num_threads")}
+                           for p in blas_pools],
             "cpu": {"model": info.model, "cores": info.cores,
                     "flags": sorted(info.flags)},
             "python": sys.version.split()[0],

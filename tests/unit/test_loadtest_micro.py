@@ -17,6 +17,18 @@ def test_micro_writes_every_cell_with_the_machine(tmp_path, capsys):
     assert all(r["calls"] >= 4 and r["cpu_us_per_call"] > 0 for r in data["results"])
     assert data["cpu"]["model"] and len(data["loadavg_before"]) == 3
     assert "EmbedImages" in capsys.readouterr().out
+    # The servicer runs in process: BLAS is capped as serve() caps it (blas_threads=1).
+    assert data["blas_threads"] == 1
+    assert all(p["num_threads"] == 1 for p in data["blas_pools"])
+
+
+def test_micro_caps_blas_threads_as_the_server_does(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(micro, "limit_blas_threads", lambda n: seen.append(n) or [])
+    assert micro.main(["--calls", "2", "--batches", "1", "--blas-threads", "2",
+                       "--json", str(tmp_path / "m.json")]) == 0
+    assert micro.main(["--calls", "2", "--batches", "1"]) == 0
+    assert seen == [2, 1]
 
 
 def test_micro_fails_loudly_when_a_call_fails(monkeypatch):

@@ -203,11 +203,12 @@ async def run(batches=(1, 32), calls: int = 300, warmup: int = 30,
         decoder = ImageDecoder(config.effective_decode_workers, config.effective_decode_queue,
                                config.max_image_bytes, config.max_image_pixels)
         state = BackendState(True, frozenset(s.name for s in catalog))
+        policy = RoutingPolicy.single(SCALE)  # held, as the app holds its current policy
         service = ClipService(
             config=config, catalog=catalog, backend=_Backend(), decoder=decoder,
             tokenizers={s.name: _Tokenizer() for s in catalog if s.tower is Tower.TEXT},
             metrics=ServerMetrics(CollectorRegistry(), catalog.scales),
-            routing=lambda: RoutingPolicy.single(SCALE), state=lambda: state,
+            routing=lambda: policy, state=lambda: state,
             rng=random.Random(0))
         background = asyncio.create_task(service.run_background())
         try:

@@ -125,6 +125,42 @@ class _Call:
         return left
 
 
+class _Observed:
+    """:meth:`ClipService._observed`'s context manager. A class rather than an
+    ``asynccontextmanager``: it is entered on every call, and the generator-based one costs an
+    async generator and its first-iteration hooks each time."""
+
+    __slots__ = ("_metrics", "_method", "_context", "_call", "_protocol", "_started",
+                 "_in_flight")
+
+    def __init__(self, metrics: ServerMetrics, method: Method, context, call: _Call):
+        self._metrics, self._method, self._context, self._call = metrics, method, context, call
+        # The HTTP front end passes a context of its own that says so; gRPC's does not.
+        self._protocol = getattr(context, "protocol", Frontend.GRPC)
+
+    async def __aenter__(self) -> None:
+        self._started = time.perf_counter()
+        self._in_flight = self._metrics.in_flight_of(self._method)
+        self._in_flight.inc()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                code = grpc.StatusCode.CANCELLED  # client gone or deadline passed
+                return False
+            if not isinstance(exc, Exception):  # None, or KeyboardInterrupt and the like
+                return False
+            code, message = to_status(exc)
+            await self._context.abort(code, message)
+            return True  # a context whose abort returns: the failure is answered
+        finally:
+            self._in_flight.dec()
+            call = self._call
+            self._metrics.observe_call(self._method, call.scale, call.precision, code,
+                                       time.perf_counter() - self._started, self._protocol)
+
+
 class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServiceServicer,
                   pb_grpc.ModelServiceServicer, pb_grpc.FeedbackServiceServicer):
     """EmbeddingService, ClassificationService, ModelService and FeedbackService.
@@ -227,28 +263,10 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         limit = self._config.request_timeout_s
         return now + (min(remaining, limit) if remaining is not None else limit)
 
-    @contextlib.asynccontextmanager
-    async def _observed(self, method: Method, context, call: _Call):
+    def _observed(self, method: Method, context, call: _Call) -> "_Observed":
         """Around every RPC: map a failure to its status (the one mapping, errors.to_status)
-        and abort the call with it; record the outcome in metrics."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        # The HTTP front end passes a context of its own that says so; gRPC's does not.
-        protocol = getattr(context, "protocol", Frontend.GRPC)
-        in_flight = self._metrics.in_flight_of(method)
-        in_flight.inc()
-        try:
-            yield
-        except (asyncio.CancelledError, GeneratorExit):  # client gone or deadline passed
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code, message = to_status(exc)
-            await context.abort(code, message)
-        finally:
-            in_flight.dec()
-            self._metrics.observe_call(method, call.scale, call.precision, code,
-                                       time.perf_counter() - started, protocol)
+        and abort the call with it; record the outcome in metrics (see :class:`_Observed`)."""
+        return _Observed(self._metrics, method, context, call)
 
     async def _unary(self, method: Method, context,
                      handler: Callable[[_Call], Awaitable[object]]):

@@ -57,11 +57,14 @@ HEADER_STORE_PREDICTION = "x-clip-store-prediction"
 _YES, _NO = frozenset({"1", "true", "yes"}), frozenset({"0", "false", "no"})
 
 
-async def _within(awaitable: Awaitable, timeout_s: float):
+async def _within(awaitable: Awaitable, timeout_s: float, call: "_Call | None" = None):
     """``awaitable``'s result, or TimeoutError after ``timeout_s``. asyncio.timeout (3.11+)
-    cancels in place where wait_for wraps the coroutine in a Task of its own."""
+    cancels in place where wait_for wraps the coroutine in a Task of its own. ``call``: gets
+    the timeout as ``call.timeout`` (see :meth:`ClipService._announce`)."""
     if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s) as timeout:
+            if call is not None:
+                call.timeout = timeout
             return await awaitable
     return await asyncio.wait_for(awaitable, timeout_s)
 
@@ -116,6 +119,8 @@ class _Call:
     precision: Precision | None = None
     # Request data never becomes a metric label; this id only keys stored predictions.
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The asyncio.timeout the handler runs under (unary calls on 3.11+), else None.
+    timeout: object | None = None
 
     def remaining(self) -> float:
         """Seconds left; raises DEADLINE_EXCEEDED when none are."""
@@ -273,7 +278,7 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         call = _Call(deadline=self._call_deadline(context), method=method)
         async with self._observed(method, context, call):
             timeout = call.deadline - asyncio.get_running_loop().time()
-            return await _within(handler(call), timeout)
+            return await _within(handler(call), timeout, call)
 
     def _route(self, call: _Call, context, eligible: Callable[[Target], bool]) -> Target:
         scale, precision = route(self._routing(), context.invocation_metadata(),
@@ -389,14 +394,27 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
 
     @staticmethod
     async def _announce(context, call: _Call, *specs: EndpointSpec) -> None:
-        send = asyncio.ensure_future(context.send_initial_metadata(
-            (*((HEADER_ENDPOINT, s.name) for s in specs), (HEADER_REQUEST_ID, call.request_id))))
+        """Send the endpoint and request-id headers. A deadline must not cancel the handler
+        mid-send: gRPC allows one pending batch per call, so the error status that follows
+        would fail (TOO_MANY_OPERATIONS) unless this send finishes first; it is a single short
+        write. Under the call's asyncio.timeout the deadline is held off for the send and put
+        back after (one passed meanwhile fires at the next await), which costs no Task;
+        otherwise the send runs shielded in a Task of its own."""
+        metadata = (*((HEADER_ENDPOINT, s.name) for s in specs),
+                    (HEADER_REQUEST_ID, call.request_id))
+        timeout = call.timeout
+        if timeout is not None and not timeout.expired():
+            when = timeout.when()
+            timeout.reschedule(None)
+            try:
+                await context.send_initial_metadata(metadata)
+            finally:
+                timeout.reschedule(when)
+            return
+        send = asyncio.ensure_future(context.send_initial_metadata(metadata))
         try:
             await asyncio.shield(send)
         except asyncio.CancelledError:
-            # A deadline can cancel the handler mid-send. gRPC allows one pending batch per
-            # call, so the error status that follows would fail (TOO_MANY_OPERATIONS) unless
-            # this send finishes first; it is a single short write.
             with contextlib.suppress(Exception):
                 await send
             raise

@@ -18,11 +18,11 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import random
 import re
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Sequence
 
@@ -118,7 +118,8 @@ class _Call:
     scale: str | None = None
     precision: Precision | None = None
     # Request data never becomes a metric label; this id only keys stored predictions.
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # 32 random hex digits, as uuid4().hex gave, for a tenth of its cost.
+    request_id: str = field(default_factory=lambda: os.urandom(16).hex())
     # The asyncio.timeout the handler runs under (unary calls on 3.11+), else None.
     timeout: object | None = None
 
@@ -457,7 +458,8 @@ class ClipService(pb_grpc.EmbeddingServiceServicer, pb_grpc.ClassificationServic
         self._metrics.observe_phase(call.method, scale, precision, Phase.PREPROCESS,
                                     time.perf_counter() - started)
         vectors = await self._embed(call, spec, ids)
-        tokens = np.count_nonzero(ids, axis=1).tolist()  # ids are 0-padded
+        # ids are 0-padded; the ufunc directly (count_nonzero with an axis goes via .sum()).
+        tokens = np.add.reduce(ids != 0, axis=1).tolist()
         if fmt is OutputFormat.FLOAT32 and request.pack_float32:  # rows keep only metadata
             return pb.EmbedTextsResponse(
                 endpoint=self._endpoint_pb(spec), format=request.format,

@@ -88,3 +88,23 @@ def test_without_py_spy_the_section_says_there_is_no_profile(tmp_path, monkeypat
     assert "No profile: py-spy not installed." in md.read_text()
     assert json.loads((tmp_path / "m.json").read_text())["profile"] == {
         "status": "py-spy not installed"}
+
+
+def test_repeats_keep_the_lowest_round(monkeypatch):
+    import asyncio
+    import itertools
+
+    clock = itertools.count()
+    monkeypatch.setattr(micro.time, "process_time", lambda: next(clock) ** 2 * 1e-6)
+
+    async def handler(request, context):
+        return None
+
+    class Service:
+        EmbedTexts = staticmethod(handler)
+
+    # process_time reads 0,1,4,9,...: the first round spans 1 us, the second 5, the third 9;
+    # each round is one call, so the lowest is the first.
+    cpu_us, _ = asyncio.run(micro._measure(Service(), "EmbedTexts", None, 1, 0, repeats=3))
+    assert cpu_us == 1.0
+    assert micro.main(["--calls", "2", "--repeats", "0"]) == 2

@@ -52,10 +52,19 @@ class Embedder:
         metrics: gets the formed-batch sizes, and the phase and item counts of client calls.
         state: returns the current readiness snapshot.
         coalesce: merge chunks of concurrent calls to a busy endpoint (see :mod:`.coalesce`).
+        inline_chars: a call whose texts total at most this many characters is tokenized on
+            the event loop; longer ones in a thread (0: always). The hop costs more than a
+            short text: measured on a 2-core Xeon, one 22-character text took 18 us of CPU to
+            tokenize inline and 66 us through ``asyncio.to_thread``, while tokenizing runs at
+            about 0.5 us per character, so 256 characters hold the loop for ~150 us at most.
     """
 
+    inline_chars_default = 256
+
     def __init__(self, *, catalog: Catalog, backend: Backend, tokenizers: Mapping[str, Tokenizer],
-                 metrics: ServerMetrics, state: Callable[[], BackendState], coalesce: bool):
+                 metrics: ServerMetrics, state: Callable[[], BackendState], coalesce: bool,
+                 inline_chars: int = inline_chars_default):
+        self.inline_chars = inline_chars
         self._catalog = catalog
         self._tokenizers = tokenizers
         self._metrics = metrics
@@ -91,8 +100,10 @@ class Embedder:
         tokenizer = self._tokenizers.get(spec.name)
         if tokenizer is None:
             raise ServingError.failed_precondition(f"endpoint {spec.name} has no tokenizer")
-        # Text cleaning is pure Python: a batch of long texts would stall the event loop.
-        ids, truncated = await asyncio.to_thread(tokenizer.encode, list(texts))
+        if sum(len(text) for text in texts) <= self.inline_chars:
+            ids, truncated = tokenizer.encode(list(texts))
+        else:  # cleaning is pure Python: long texts would stall the event loop
+            ids, truncated = await asyncio.to_thread(tokenizer.encode, list(texts))
         return np.ascontiguousarray(ids, dtype=np.int32), list(truncated)
 
     async def run(self, spec: EndpointSpec, batch: Batch, timeout_s: float) -> np.ndarray:

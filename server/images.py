@@ -100,10 +100,15 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     if new_size != (width, height):
         img = img.resize(new_size, Image.Resampling.BICUBIC)
     width, height = img.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    # Crop and convert only when they change something: on an image already S x S RGB (a
+    # digit at its model's input size) each would copy the pixels unchanged.
+    if (width, height) != (size, size):
+        top = int(round((height - size) / 2.0))
+        left = int(round((width - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
 
 
 class Deferred(Exception):

@@ -159,7 +159,8 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry, scales: tuple[str, ...]):
         self._scales = frozenset(scales)
-        # Label children by (family, label values), bound on first use and reused: a call's
+        # Label children by (family, label values), or by a method's raw arguments
+        # (:meth:`_bound`), bound on first use and reused: a call's
         # dozen .labels() lookups (each validates and sorts its keywords) become dict hits.
         # Label values still come only from enums and the repository's scales, so the cache is
         # as bounded as the series themselves.
@@ -287,6 +288,7 @@ class ServerMetrics:
     def add_scales(self, scales: Iterable[str]) -> None:
         """Scales of endpoints added while serving (their ``scale`` label values)."""
         self._scales = self._scales | frozenset(scales)
+        self._children.clear()  # children keyed by a raw scale may have bound it as "none"
 
     def _scale(self, scale: str | None) -> str:
         return scale if scale in self._scales else NO_ROUTE
@@ -302,6 +304,15 @@ class ServerMetrics:
             child = self._children[key] = family.labels(*values)
         return child
 
+    def _bound(self, key: tuple, bind):
+        """The children ``bind()`` returns, cached under ``key``: a call's raw arguments (enums,
+        the scale as given), so a repeated call skips the enum ``.value`` lookups and the
+        scale check as well as ``.labels()``. Cleared by :meth:`add_scales`."""
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = bind()
+        return children
+
     def in_flight_of(self, method: Method):
         """The ``clipserve_requests_in_flight`` child of ``method`` (bound once)."""
         return self._child(self.in_flight, method.value)
@@ -312,39 +323,51 @@ class ServerMetrics:
                      code: grpc.StatusCode, seconds: float,
                      protocol: Protocol = Protocol.GRPC) -> None:
         """Record one finished call that came in over ``protocol``."""
-        scale_label = self._scale(scale)
-        precision_label = precision.value if precision is not None else NO_ROUTE
-        self._child(self.requests, method.value, scale_label, precision_label, code.name,
-                    protocol.value).inc()
-        self._child(self.request_duration, method.value, scale_label, precision_label,
-                    protocol.value).observe(seconds)
+        def bind():
+            scale_label = self._scale(scale)
+            precision_label = precision.value if precision is not None else NO_ROUTE
+            return (self.requests.labels(method.value, scale_label, precision_label, code.name,
+                                         protocol.value),
+                    self.request_duration.labels(method.value, scale_label, precision_label,
+                                                 protocol.value))
+        count, duration = self._bound(("call", method, scale, precision, code, protocol), bind)
+        count.inc()
+        duration.observe(seconds)
 
     def observe_phase(self, method: Method, scale: str, precision: Precision, phase: Phase,
                       seconds: float) -> None:
         """Record how long one part of a routed call took."""
-        self._child(self.request_phase, method.value, self._scale(scale), precision.value,
-                    phase.value).observe(seconds)
+        self._bound(("phase", method, scale, precision, phase),
+                    lambda: self.request_phase.labels(method.value, self._scale(scale),
+                                                      precision.value, phase.value)
+                    ).observe(seconds)
 
     def observe_items(self, tower: Tower, scale: str, precision: Precision, count: int) -> None:
         """Record ``count`` items embedded by one endpoint."""
-        self._child(self.items, tower.value, self._scale(scale), precision.value).inc(count)
+        self._bound(("items", tower, scale, precision),
+                    lambda: self.items.labels(tower.value, self._scale(scale), precision.value)
+                    ).inc(count)
 
     def observe_batch(self, tower: Tower, scale: str, precision: Precision, size: int) -> None:
         """Record one request of ``size`` items sent to Triton."""
-        self._child(self.batch_size, tower.value, self._scale(scale),
-                    precision.value).observe(size)
+        self._bound(("batch", tower, scale, precision),
+                    lambda: self.batch_size.labels(tower.value, self._scale(scale),
+                                                   precision.value)).observe(size)
 
     # -- live quality ----------------------------------------------------------------------
 
     def observe_ood(self, scale: str, precision: Precision, label_set: LabelSet,
                     scores: np.ndarray, threshold: float) -> int:
         """Record MCM ``scores`` of a batch of images; returns how many were flagged OOD."""
-        values = (self._scale(scale), precision.value, label_set.value)
-        histogram = self._child(self.ood_score, *values)
+        def bind():
+            values = (self._scale(scale), precision.value, label_set.value)
+            return self.ood_score.labels(*values), self.ood_flagged.labels(*values)
+        histogram, flagged_counter = self._bound(("ood", scale, precision, label_set), bind)
         for score in np.asarray(scores, dtype=np.float64).tolist():
             histogram.observe(score)
-        flagged = int((np.asarray(scores) < threshold).sum())
-        self._child(self.ood_flagged, *values).inc(flagged)
+        # Compared in the scores' own dtype, as before; count_nonzero skips .sum()'s wrapper.
+        flagged = int(np.count_nonzero(np.asarray(scores) < threshold))
+        flagged_counter.inc(flagged)
         return flagged
 
     def observe_unscored(self, scale: str, precision: Precision, reason: Unscored,
@@ -355,8 +378,9 @@ class ServerMetrics:
     def observe_confidence(self, scale: str, precision: Precision, label_set: LabelSet,
                            confidences: np.ndarray) -> None:
         """Record the top-1 probability of each classified image."""
-        histogram = self._child(self.confidence, self._scale(scale), precision.value,
-                                label_set.value)
+        histogram = self._bound(("confidence", scale, precision, label_set),
+                                lambda: self.confidence.labels(self._scale(scale),
+                                                               precision.value, label_set.value))
         for confidence in np.asarray(confidences, dtype=np.float64).tolist():
             histogram.observe(confidence)
 

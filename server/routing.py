@@ -189,5 +189,7 @@ def route(policy: RoutingPolicy, metadata, scales: Collection[str],
     for arm in policy.arms:
         target = (scale or arm.scale, precision or arm.precision)
         weights[target] = weights.get(target, 0.0) + arm.weight
+    if len(weights) == 1:  # one candidate (one arm: the default): it is the answer either way
+        return next(iter(weights))
     usable = {t: w for t, w in weights.items() if eligible(t)}
     return pick(usable or weights, header(metadata, HEADER_ROUTING_KEY), rng)

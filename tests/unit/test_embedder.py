@@ -103,3 +103,29 @@ async def test_a_text_endpoint_without_a_tokenizer_is_a_failed_precondition(rig)
     with pytest.raises(ServingError) as info:
         await bare.tokenize(rig.spec(Tower.TEXT), ["a"])
     assert info.value.code.name == "FAILED_PRECONDITION"
+
+
+async def test_short_texts_are_tokenized_inline_and_long_ones_in_a_thread(rig):
+    import threading
+
+    threads = []
+
+    class Recording(FakeTokenizer):
+        def encode(self, texts):
+            threads.append(threading.current_thread())
+            return super().encode(texts)
+
+    spec = rig.spec(Tower.TEXT)
+    rig.embedder._tokenizers = {spec.name: Recording()}
+    limit = rig.embedder.inline_chars
+    short = ["a" * (limit // 2), "b" * (limit - limit // 2)]  # exactly the budget: inline
+    long = ["a" * (limit // 2), "b" * (limit - limit // 2 + 1)]
+    ids_short, cut_short = await rig.embedder.tokenize(spec, short)
+    ids_long, cut_long = await rig.embedder.tokenize(spec, long)
+    assert threads[0] is threading.current_thread()
+    assert threads[1] is not threading.current_thread()
+    # The same answer either way.
+    expected = FakeTokenizer().encode(short)
+    np.testing.assert_array_equal(ids_short, expected[0])
+    assert cut_short == list(expected[1])
+    assert ids_long.dtype == np.int32 and ids_long.shape[0] == 2

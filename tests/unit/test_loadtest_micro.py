@@ -17,6 +17,18 @@ def test_micro_writes_every_cell_with_the_machine(tmp_path, capsys):
     assert all(r["calls"] >= 4 and r["cpu_us_per_call"] > 0 for r in data["results"])
     assert data["cpu"]["model"] and len(data["loadavg_before"]) == 3
     assert "EmbedImages" in capsys.readouterr().out
+    # The servicer runs in process: BLAS is capped as serve() caps it (blas_threads=1).
+    assert data["blas_threads"] == 1
+    assert all(p["num_threads"] == 1 for p in data["blas_pools"])
+
+
+def test_micro_caps_blas_threads_as_the_server_does(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(micro, "limit_blas_threads", lambda n: seen.append(n) or [])
+    assert micro.main(["--calls", "2", "--batches", "1", "--blas-threads", "2",
+                       "--json", str(tmp_path / "m.json")]) == 0
+    assert micro.main(["--calls", "2", "--batches", "1"]) == 0
+    assert seen == [2, 1]
 
 
 def test_micro_fails_loudly_when_a_call_fails(monkeypatch):
@@ -76,3 +88,23 @@ def test_without_py_spy_the_section_says_there_is_no_profile(tmp_path, monkeypat
     assert "No profile: py-spy not installed." in md.read_text()
     assert json.loads((tmp_path / "m.json").read_text())["profile"] == {
         "status": "py-spy not installed"}
+
+
+def test_repeats_keep_the_lowest_round(monkeypatch):
+    import asyncio
+    import itertools
+
+    clock = itertools.count()
+    monkeypatch.setattr(micro.time, "process_time", lambda: next(clock) ** 2 * 1e-6)
+
+    async def handler(request, context):
+        return None
+
+    class Service:
+        EmbedTexts = staticmethod(handler)
+
+    # process_time reads 0,1,4,9,...: the first round spans 1 us, the second 5, the third 9;
+    # each round is one call, so the lowest is the first.
+    cpu_us, _ = asyncio.run(micro._measure(Service(), "EmbedTexts", None, 1, 0, repeats=3))
+    assert cpu_us == 1.0
+    assert micro.main(["--calls", "2", "--repeats", "0"]) == 2

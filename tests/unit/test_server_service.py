@@ -304,6 +304,29 @@ async def test_slow_backend_is_deadline_exceeded(h):
     assert h.count("EmbedTexts", "DEADLINE_EXCEEDED") == 1
 
 
+async def test_a_deadline_during_the_header_send_lets_the_send_finish_then_fails(h):
+    # gRPC allows one pending batch per call: cancelled mid-send, the error status would fail
+    # (TOO_MANY_OPERATIONS). The send must complete; the deadline then answers the call.
+    class SlowSend(FakeContext):
+        finished = False
+
+        async def send_initial_metadata(self, metadata):
+            await asyncio.sleep(0.1)
+            await super().send_initial_metadata(metadata)
+            self.finished = True
+
+    ctx = SlowSend(time_remaining=0.03)
+    await fails(h.service.EmbedTexts(pb.EmbedTextsRequest(texts=["x"]), ctx),
+                grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert ctx.finished and endpoints_announced(ctx) == [name(Precision.FP32, Tower.TEXT)]
+    assert h.backend.calls == []  # the deadline struck before the backend call
+    assert h.count("EmbedTexts", "DEADLINE_EXCEEDED") == 1
+    # A deadline that leaves time for the send and the call still succeeds.
+    fast = SlowSend(time_remaining=2.0)
+    await h.service.EmbedTexts(pb.EmbedTextsRequest(texts=["x"]), fast)
+    assert fast.finished and h.count("EmbedTexts", "OK") == 1
+
+
 # -- routing through the servicer ------------------------------------------------------------
 
 async def test_headers_select_the_endpoint(h):

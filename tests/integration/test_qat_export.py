@@ -2,7 +2,6 @@
 trained, quantized by the same quantizers as PTQ, measured beside it on the same held-out
 test split, and the choice is recorded in the sidecar and the report."""
 
-import shutil
 
 import onnx
 import pytest
@@ -10,25 +9,15 @@ import pytest
 from clipserve.endpoints import Sidecar, Tower, endpoint_name
 from clipserve.export import qat
 from clipserve.export.report import read_rows
-from tests.conftest import source_digest
+from tests.integration.conftest import cached_export
 
 PRECISIONS = ("fp32", "int8", "int4")
 
 
 @pytest.fixture(scope="module")
 def qat_repository(cache_dir):
-    from clipserve.export.config import ExportConfig
-    from clipserve.export.pipeline import export
-
-    path = cache_dir / f"test-qat-repository-{source_digest('export', 'clipserve')}"
-    if not (path / "report.json").exists():
-        shutil.rmtree(path, ignore_errors=True)
-        building = path.with_name(path.name + ".partial")
-        shutil.rmtree(building, ignore_errors=True)
-        export(ExportConfig(models="digits-s", precisions=PRECISIONS, repository=str(building),
-                            cache_dir=str(cache_dir), throughput_seconds=0.3, qat=True))
-        building.rename(path)
-    return path
+    return cached_export(cache_dir, "test-qat-repository", models="digits-s",
+                         precisions=PRECISIONS, qat=True)
 
 
 @pytest.fixture(scope="module")

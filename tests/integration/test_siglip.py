@@ -7,7 +7,6 @@ export's tokenizer."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -19,8 +18,7 @@ from clipserve.server.images import preprocess
 from clipserve.server.repository import Catalog
 from clipserve.server.v1 import clipserve_pb2 as pb
 from clipserve.tokenizer import HfTokenizer, load_tokenizer
-from tests.conftest import source_digest
-from tests.integration.conftest import PRECISIONS
+from tests.integration.conftest import PRECISIONS, cached_export
 from tests.integration.reference import served_runner
 from tests.integration.test_gateway import (CALL_TIMEOUT_S, GatewayThread, config_for, png,
                                             vectors)
@@ -31,18 +29,7 @@ SCALE = "digits-siglip-s"
 
 @pytest.fixture(scope="module")
 def siglip_repository(cache_dir):
-    from clipserve.export.config import ExportConfig
-    from clipserve.export.pipeline import export
-
-    path = cache_dir / f"test-siglip-{source_digest('export', 'clipserve')}"
-    if not (path / "report.json").exists():
-        shutil.rmtree(path, ignore_errors=True)
-        building = path.with_name(path.name + ".partial")
-        shutil.rmtree(building, ignore_errors=True)
-        export(ExportConfig(models=SCALE, precisions=PRECISIONS, repository=str(building),
-                            cache_dir=str(cache_dir), throughput_seconds=0.3))
-        building.rename(path)
-    return path
+    return cached_export(cache_dir, "test-siglip", models=SCALE, precisions=PRECISIONS)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,13 @@ def test_qat_matches_or_beats_ptq_on_held_out_digits(rows, precision):
     # The served graph is the rule's pick, and the served row measures that graph.
     assert (record["served"], record["why"]) == qat.choose_served(record["qat_minus_ptq"])
     served = record[record["served"]]["top1"]["delta"]
-    assert _row(rows, precision)["deltas"]["top1"]["delta"] == pytest.approx(served, abs=1e-9)
+    row = _row(rows, precision)
+    # The QAT stage measures both graphs with onnxruntime; the report measures the endpoint on
+    # the runtime it is served with, which --runtime auto may make OpenVINO (it does for int8
+    # on AMX CPUs). The same graph on another runtime may flip a borderline test item.
+    runtime = row["quantization"]["runtime"]["chosen"]
+    margin = 1e-9 if runtime == "onnxruntime" else 1.0 / row["n_test"] + 1e-9
+    assert row["deltas"]["top1"]["delta"] == pytest.approx(served, abs=margin), runtime
 
 
 def test_qat_closes_the_int4_gap_on_digits_s(rows):

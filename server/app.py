@@ -400,6 +400,22 @@ def limit_blas_threads(threads: int) -> list[dict]:
     return pools
 
 
+def run_loop(config: ServerConfig, worker: bool = False) -> int:
+    """Run :func:`serve` to completion on the event loop ``config.event_loop`` names.
+
+    Raises:
+        RuntimeError: uvloop asked for but not installed (the message says how to get it).
+    """
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise RuntimeError("--event-loop uvloop: uvloop is not installed "
+                               "(pip install uvloop), or use --event-loop asyncio") from None
+        return uvloop.run(serve(config, worker=worker))
+    return asyncio.run(serve(config, worker=worker))
+
+
 async def serve(config: ServerConfig, worker: bool = False) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the routing and API key files. Returns an
     exit code. With more than one worker (config.workers; 0: one per available core) this

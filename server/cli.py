@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -32,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .app import serve  # grpc server pieces load only when serving
+    from .app import run_loop  # grpc server pieces load only when serving
 
     try:
-        return asyncio.run(serve(config))
+        return run_loop(config)
     except (ValueError, RuntimeError) as exc:
         # Start-up problems (no repository, bad routing file, Triton failed): one clear line.
         logging.getLogger("clipserve.server").error("%s", exc)

@@ -15,6 +15,7 @@ from pathlib import Path
 from clipserve.endpoints import Precision
 
 _MIB = 1024 * 1024
+EVENT_LOOPS = ("asyncio", "uvloop")  # --event-loop (server/app.py run_loop)
 
 
 def _help(text: str) -> dict:
@@ -99,6 +100,9 @@ class ServerConfig:
         "threads spin (sched_yield) between them on the cores Triton needs; measured on "
         "ViT-B-32 int8 on 2 cores: 6.8 -> 1.8 ms of gateway CPU per image, 57 -> 97 img/s. "
         "0: the BLAS library's own default"))
+    event_loop: str = field(default="asyncio", metadata=_help(
+        "the event loop the gateway runs on: asyncio (the standard library's) or uvloop "
+        "(libuv; `pip install uvloop`). See BENCHMARKS.md for what each measured"))
     decode_queue: int = field(default=0, metadata=_help(
         "decode jobs (one per call, or one per worker for a large batch) waiting for a "
         "thread before further calls wait; 0: 8 per worker"))
@@ -210,6 +214,9 @@ class ServerConfig:
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
                             "tls_key_file")
+        if self.event_loop not in EVENT_LOOPS:
+            problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got "
+                            f"{self.event_loop!r}")
         if self.workers < 0:
             problems.append(f"workers must be 0 (one per available core) or more, got "
                             f"{self.workers}")

@@ -83,10 +83,10 @@ def _worker_main(config: ServerConfig, index: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
-    from .app import serve
+    from .app import run_loop
 
     try:
-        code = asyncio.run(serve(config, worker=True))
+        code = run_loop(config, worker=True)
     except (ValueError, RuntimeError) as exc:
         logging.getLogger("clipserve.server").error("%s", exc)
         code = 1

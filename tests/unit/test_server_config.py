@@ -63,6 +63,7 @@ def test_every_field_has_help():
     ({"triton_url": "http://triton:8001"}, "triton_url must be host:port"),
     ({"triton_url": "triton"}, "triton_url must be host:port"),
     ({"log_level": "loud"}, "log_level must be"),
+    ({"event_loop": "trio"}, "event_loop must be one of asyncio, uvloop"),
     ({"triton_metrics_address": "pod-ip"}, "triton_metrics_address must be an IP address"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(changes, fragment):
@@ -107,3 +108,32 @@ def test_blas_threads_cap_numpys_pools_and_zero_leaves_them():
         assert max(pools(0)) > 1
     with pytest.raises(ValueError, match="blas_threads"):
         ServerConfig(blas_threads=-1)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_run_loop_runs_serve_on_the_named_loop(monkeypatch, event_loop):
+    """--event-loop picks the loop serve() runs on (uvloop where installed; the error names
+    the way out where it is not)."""
+    import asyncio
+
+    from clipserve.server import app
+
+    seen = {}
+
+    async def fake_serve(config, worker=False):
+        seen["loop"] = type(asyncio.get_running_loop()).__module__
+        seen["worker"] = worker
+        return 7
+
+    monkeypatch.setattr(app, "serve", fake_serve)
+    config = ServerConfig(event_loop=event_loop)
+    if event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            with pytest.raises(RuntimeError, match="pip install uvloop"):
+                app.run_loop(config)
+            return
+    assert app.run_loop(config, worker=True) == 7
+    assert seen["worker"] is True
+    assert seen["loop"].startswith("uvloop" if event_loop == "uvloop" else "asyncio")

@@ -651,8 +651,42 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def markdown(results: BenchResults | dict, plots: list[Path], base: Path) -> str:
-    """BENCHMARKS.md from the results; ``plots`` are linked relative to ``base``."""
+def _target_value(t: Target) -> str:
+    return f"{t.value:.2f} ms" if t.unit == "ms" else f"{t.value:.1%}"
+
+
+def before_after_lines(before: BenchResults | dict, after: BenchResults | dict,
+                       before_name: str = "before") -> list[str]:
+    """The targets of an earlier run (``before``, e.g. a bench.json from git history) beside
+    this run's, matched by model, precision and target. Every target is a ratio or a time
+    measured side by side inside its own run, so two runs compare by them, not by absolute
+    items/s (each run's machine and load are printed with it)."""
+    before, after = typed(before), typed(after)
+    old = {(t.scale, t.precision, t.target): t for t in analyze(before).targets}
+    rows = []
+    for t in analyze(after).targets:
+        b = old.get((t.scale, t.precision, t.target))
+        change = "-"
+        if b is not None:
+            change = (f"{t.value - b.value:+.2f} ms" if t.unit == "ms"
+                      else f"{(t.value - b.value) * 100:+.1f} pts")
+        threshold = f"{t.op} {t.threshold:g} ms" if t.unit == "ms" else f"{t.op} {t.threshold:.0%}"
+        rows.append([t.scale, t.precision, t.target, _target_value(b) if b else "-",
+                     _target_value(t), change, threshold, t.verdict()])
+
+    def where(r: BenchResults) -> str:
+        m = r.machine
+        return (f"{r.started_at or '?'} on {m.get('cpu') or '?'} ({m.get('cores')} cores), "
+                f"load average {m.get('loadavg_start', [0])[0]:.2f} at its start")
+    return [f"{before_name}: {where(before)}. After: this run, {where(after)}.", "",
+            *_table(["model", "precision", "target", "before", "after", "change", "wanted",
+                     "now"], rows), ""]
+
+
+def markdown(results: BenchResults | dict, plots: list[Path], base: Path,
+             before: tuple[str, BenchResults | dict] | None = None) -> str:
+    """BENCHMARKS.md from the results; ``plots`` are linked relative to ``base``; ``before``:
+    (its description, an earlier run's results) for a before/after table of the targets."""
     results = typed(results)
     analysis = analyze(results)
     cfg, machine = results.config, results.machine
@@ -712,6 +746,8 @@ def markdown(results: BenchResults | dict, plots: list[Path], base: Path) -> str
     lines += _table(["model", "precision", "target", "measured", "wanted", "verdict"],
                     target_rows)
     lines.append("")
+    if before is not None:
+        lines += ["## Before and after", "", *before_after_lines(before[1], results, before[0])]
 
     for spec, model in results.models.items():
         rows = analysis.models[spec].rows
@@ -931,15 +967,25 @@ def write_section(path: Path, markdown: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Regenerate the plots and the markdown from a saved bench.json."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m clipserve.loadtest.bench_report BENCH_JSON MARKDOWN",
-              file=sys.stderr)
-        return 2
-    bench_json, md = Path(argv[0]), Path(argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clipserve.loadtest.bench_report",
+                                     description=main.__doc__)
+    parser.add_argument("bench_json", type=Path)
+    parser.add_argument("markdown", type=Path)
+    parser.add_argument("--before", type=Path, help="an earlier run's bench.json (e.g. "
+                        "`git show REV:benchmarks/bench.json`): its targets beside this run's")
+    parser.add_argument("--before-name", default="", help="how the report names that run "
+                        "(default: 'Before')")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    bench_json, md = args.bench_json, args.markdown
     results = BenchResults.from_dict(json.loads(bench_json.read_text()))
+    before = None
+    if args.before:
+        before = (args.before_name or "Before",
+                  BenchResults.from_dict(json.loads(args.before.read_text())))
     plots = plot_all(results, bench_json.parent)
-    write_section(md, markdown(results, plots, md.resolve().parent))
+    write_section(md, markdown(results, plots, md.resolve().parent, before))
     print(f"wrote {md}")
     return 0
 

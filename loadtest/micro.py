@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blas-threads", type=int, default=ServerConfig.blas_threads,
                         help="cap numpy's BLAS threads as the server does (its blas_threads "
                              "setting, default 1; 0: the library's default)")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the event loop the servicer runs on (the server's --event-loop)")
     parser.add_argument("--baseline", type=Path,
                         help="a saved --json run to compare with (e.g. "
                              "benchmarks/micro-before.json)")
@@ -404,14 +406,21 @@ def main(argv: list[str] | None = None) -> int:
     info = cpu.detect()
     load_before = os.getloadavg()
 
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
+
     def measure_all() -> list[MicroResult]:
         global DIM
         out = []
         for dim in dims:
             DIM = dim
-            out += asyncio.run(run(batches, args.calls,
-                                   outcome_sample_fraction=args.outcome_sample_fraction,
-                                   coalesce=args.coalesce, repeats=args.repeats))
+            out += runner(run(batches, args.calls,
+                              outcome_sample_fraction=args.outcome_sample_fraction,
+                              coalesce=args.coalesce, repeats=args.repeats))
         return out
     results = measure_all()
     load_after = os.getloadavg()
@@ -432,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": args.label, "outcome_sample_fraction": args.outcome_sample_fraction,
             "dim": dims[0], "dims": list(dims), "coalesce": args.coalesce,
             "blas_threads": args.blas_threads, "repeats": args.repeats,
+            "event_loop": args.event_loop,
             "blas_pools": [{k: p.get(k) for k in ("internal_api", "num_threads")}
                            for p in blas_pools],
             "cpu": {"model": info.model, "cores": info.cores,

@@ -344,6 +344,31 @@ def test_report_main_regenerates_from_a_saved_bench_json(tmp_path):
     assert "asyncio event loop 41.0%, clipserve service 22.5%, grpc 12.5%" in md
 
 
+
+def test_before_after_matches_targets_and_prints_the_change(tmp_path):
+    """--before: each target of this run beside the same target of an earlier bench.json,
+    the change in its own unit, and the verdict of this run."""
+    pytest.importorskip("matplotlib")
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps(typed_results(MEASURED, gateway_items_per_s=30.0,
+                                               gateway_p50=5.0).to_dict()))
+    after.write_text(json.dumps(typed_results(MEASURED, gateway_items_per_s=70.0,
+                                              gateway_p50=3.0).to_dict()))
+    md = tmp_path / "B.md"
+    assert bench_report.main([str(after), str(md), "--before", str(before),
+                              "--before-name", "Main at abc123"]) == 0
+    text = md.read_text()
+    section = text[text.index("## Before and after"):text.index("## digits-s")]
+    assert section.count("Main at abc123: ") == 1 and "on Test CPU (2 cores)" in section
+    row = next(line for line in section.splitlines()
+               if "| gateway / Triton-direct items/s |" in line)
+    # 30 -> 70 img/s against Triton's 100: 30.0% -> 70.0%, +40 points, met (>= 60%)
+    assert "| 30.0% | 70.0% | +40.0 pts | >= 60% | met |" in row
+    row = next(line for line in section.splitlines() if "gateway added p50" in line)
+    assert "| 3.00 ms | 1.00 ms | -2.00 ms |" in row
+    assert bench_report.main([str(after), str(tmp_path / "C.md")]) == 0
+    assert "Before and after" not in (tmp_path / "C.md").read_text()
+
 def test_run_summary_turns_cpu_seconds_into_ms_per_item_and_keeps_the_dict_form():
     from clipserve.loadtest.bench import run_summary, summarize_run
     from clipserve.loadtest.runner import RunResult

@@ -141,6 +141,10 @@ class BenchConfig:
         "report prints it as a given assumption; without one it sizes the gateway for the "
         "Triton throughput measured in this run"))
     matmul_n: int = field(default=2048, metadata=_help("side of the roofline matmul"))
+    before: str = field(default="", metadata=_help(
+        "an earlier run's bench.json (e.g. benchmarks/bench-before-issue10.json): the report "
+        "prints its targets beside this run's (also: python -m clipserve.loadtest.bench_report "
+        "BENCH_JSON MARKDOWN --before OLD)"))
     reexport: bool = field(default=False, metadata=_help(
         "export again when the export sources changed since the cached export (otherwise the "
         "cached one is used and the report says so)"))
@@ -153,6 +157,8 @@ class BenchConfig:
                 raise ValueError(f"unknown peer dtype {d!r}; valid: {', '.join(PEER_DTYPES)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if self.before and not Path(self.before).is_file():  # not after the whole run
+            raise ValueError(f"--before {self.before}: no such file (an earlier bench.json)")
         if self.concurrency < 1 or self.duration <= 0 or self.latency_duration <= 0:
             raise ValueError("concurrency and durations must be positive")
         [int(b) for b in self.ort_batches]
@@ -790,7 +796,12 @@ def run(config: BenchConfig) -> BenchResults:
         wall_s=round(time.monotonic() - log.start, 1))
     (out / "bench.json").write_text(json.dumps(results.to_dict(), indent=2) + "\n")
     plots = bench_report.plot_all(results, out)
-    markdown = bench_report.markdown(results, plots, Path(config.markdown).resolve().parent)
+    before = None
+    if config.before:
+        before = (f"Before ({config.before})", BenchResults.from_dict(
+            json.loads(Path(config.before).read_text())))
+    markdown = bench_report.markdown(results, plots, Path(config.markdown).resolve().parent,
+                                     before)
     # BENCHMARKS.md holds other commands' sections too (soak, runtime axis, warm-up, ...):
     # replace only this one, the file's head.
     bench_report.write_section(Path(config.markdown), markdown)

@@ -368,6 +368,8 @@ def test_before_after_matches_targets_and_prints_the_change(tmp_path):
     assert "| 3.00 ms | 1.00 ms | -2.00 ms |" in row
     assert bench_report.main([str(after), str(tmp_path / "C.md")]) == 0
     assert "Before and after" not in (tmp_path / "C.md").read_text()
+    with pytest.raises(ValueError, match="no such file"):  # before the run, not after it
+        BenchConfig(before=str(tmp_path / "missing.json"))
 
 def test_run_summary_turns_cpu_seconds_into_ms_per_item_and_keeps_the_dict_form():
     from clipserve.loadtest.bench import run_summary, summarize_run

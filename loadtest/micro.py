@@ -37,8 +37,8 @@ from prometheus_client import CollectorRegistry
 
 from clipserve import cpu
 from clipserve.endpoints import Precision, Sidecar, Tower, endpoint_name
-from clipserve.server.app import limit_blas_threads
-from clipserve.server.config import ServerConfig
+from clipserve.server.app import event_loop_runner, limit_blas_threads
+from clipserve.server.config import EVENT_LOOPS, ServerConfig
 from clipserve.server.health import BackendState
 from clipserve.server.images import ImageDecoder
 from clipserve.server.metrics import ServerMetrics
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blas-threads", type=int, default=ServerConfig.blas_threads,
                         help="cap numpy's BLAS threads as the server does (its blas_threads "
                              "setting, default 1; 0: the library's default)")
-    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=ServerConfig.event_loop,
                         help="the event loop the servicer runs on (the server's --event-loop)")
     parser.add_argument("--baseline", type=Path,
                         help="a saved --json run to compare with (e.g. "
@@ -406,12 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     info = cpu.detect()
     load_before = os.getloadavg()
 
-    if args.event_loop == "uvloop":
-        import uvloop
-
-        runner = uvloop.run
-    else:
-        runner = asyncio.run
+    try:
+        runner = event_loop_runner(args.event_loop)
+    except RuntimeError as exc:
+        print(f"micro: {exc}", file=sys.stderr)
+        return 2
 
     def measure_all() -> list[MicroResult]:
         global DIM

@@ -401,19 +401,28 @@ def limit_blas_threads(threads: int) -> list[dict]:
 
 
 def run_loop(config: ServerConfig, worker: bool = False) -> int:
-    """Run :func:`serve` to completion on the event loop ``config.event_loop`` names.
+    """Run :func:`serve` to completion on the event loop ``config.event_loop`` names (auto:
+    uvloop where installed, else asyncio's; see :func:`event_loop_runner`)."""
+    return event_loop_runner(config.event_loop)(serve(config, worker=worker))
+
+
+def event_loop_runner(name: str):
+    """``asyncio.run`` or ``uvloop.run`` for ``--event-loop`` NAME.
 
     Raises:
-        RuntimeError: uvloop asked for but not installed (the message says how to get it).
+        RuntimeError: uvloop asked for by name but not installed (the message says how to
+            get it).
     """
-    if config.event_loop == "uvloop":
+    if name in ("auto", "uvloop"):
         try:
             import uvloop
         except ImportError:
-            raise RuntimeError("--event-loop uvloop: uvloop is not installed "
-                               "(pip install uvloop), or use --event-loop asyncio") from None
-        return uvloop.run(serve(config, worker=worker))
-    return asyncio.run(serve(config, worker=worker))
+            if name == "uvloop":
+                raise RuntimeError("--event-loop uvloop: uvloop is not installed "
+                                   "(pip install uvloop), or use --event-loop asyncio") from None
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 async def serve(config: ServerConfig, worker: bool = False) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from clipserve.endpoints import Precision
 
 _MIB = 1024 * 1024
-EVENT_LOOPS = ("asyncio", "uvloop")  # --event-loop (server/app.py run_loop)
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")  # --event-loop (server/app.py run_loop)
 
 
 def _help(text: str) -> dict:
@@ -100,9 +100,11 @@ class ServerConfig:
         "threads spin (sched_yield) between them on the cores Triton needs; measured on "
         "ViT-B-32 int8 on 2 cores: 6.8 -> 1.8 ms of gateway CPU per image, 57 -> 97 img/s. "
         "0: the BLAS library's own default"))
-    event_loop: str = field(default="asyncio", metadata=_help(
-        "the event loop the gateway runs on: asyncio (the standard library's) or uvloop "
-        "(libuv; `pip install uvloop`). See BENCHMARKS.md for what each measured"))
+    event_loop: str = field(default="auto", metadata=_help(
+        "the event loop the gateway runs on: auto (uvloop where it is installed, as it is with "
+        "clipserve on Linux and macOS; else asyncio), uvloop (libuv; fails if missing) or "
+        "asyncio (the standard library's). Measured on digits-s, 2 cores, 8 callers: uvloop "
+        "1.09-1.11x the items/s of asyncio (BENCHMARKS.md)"))
     decode_queue: int = field(default=0, metadata=_help(
         "decode jobs (one per call, or one per worker for a large batch) waiting for a "
         "thread before further calls wait; 0: 8 per worker"))

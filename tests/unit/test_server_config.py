@@ -63,7 +63,7 @@ def test_every_field_has_help():
     ({"triton_url": "http://triton:8001"}, "triton_url must be host:port"),
     ({"triton_url": "triton"}, "triton_url must be host:port"),
     ({"log_level": "loud"}, "log_level must be"),
-    ({"event_loop": "trio"}, "event_loop must be one of asyncio, uvloop"),
+    ({"event_loop": "trio"}, "event_loop must be one of auto, asyncio, uvloop"),
     ({"triton_metrics_address": "pod-ip"}, "triton_metrics_address must be an IP address"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(changes, fragment):
@@ -110,11 +110,12 @@ def test_blas_threads_cap_numpys_pools_and_zero_leaves_them():
         ServerConfig(blas_threads=-1)
 
 
-@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop", "auto"])
 def test_run_loop_runs_serve_on_the_named_loop(monkeypatch, event_loop):
     """--event-loop picks the loop serve() runs on (uvloop where installed; the error names
     the way out where it is not)."""
     import asyncio
+    import importlib.util
 
     from clipserve.server import app
 
@@ -136,4 +137,19 @@ def test_run_loop_runs_serve_on_the_named_loop(monkeypatch, event_loop):
             return
     assert app.run_loop(config, worker=True) == 7
     assert seen["worker"] is True
-    assert seen["loop"].startswith("uvloop" if event_loop == "uvloop" else "asyncio")
+    uvloop_here = importlib.util.find_spec("uvloop") is not None
+    wanted = "uvloop" if event_loop == "uvloop" or (event_loop == "auto" and uvloop_here) \
+        else "asyncio"
+    assert seen["loop"].startswith(wanted)
+
+
+def test_auto_event_loop_falls_back_to_asyncio_without_uvloop(monkeypatch):
+    import asyncio
+    import sys
+
+    from clipserve.server import app
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert app.event_loop_runner("auto") is asyncio.run
+    with pytest.raises(RuntimeError, match="pip install uvloop"):
+        app.event_loop_runner("uvloop")

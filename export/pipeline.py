@@ -103,16 +103,17 @@ def _make_variants(fp32: dict, work: Path, precisions, config, probes: dict, say
 
 
 def _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
-                        ids, native_temperature, labelled_probe, say) -> None:
+                        ids, native_temperature, labelled_probe, session_for, say) -> None:
     """--qat: fine-tune, quantize through :func:`_make_variants` (the same quantizers), measure
-    beside PTQ on the same test split and keep the better graph in ``variants``."""
+    beside PTQ on the same test split, each on the runtime its endpoint is served with
+    (``session_for(precision, tower, path)``), and keep the better graph in ``variants``."""
     from clipserve.export import qat
 
     prompt_ids, caption_ids, probe_ids = ids
     qat.run_stage(model, spec=spec, config=config, shapes=shapes, tokenizer=tokenizer,
                   work=work, variants=variants, probes=probes, suite=suite,
                   prompt_ids=prompt_ids, caption_ids=caption_ids, probe_ids=probe_ids,
-                  native_temperature=native_temperature,
+                  native_temperature=native_temperature, session_for=session_for,
                   make_variants=lambda *a: _make_variants(*a, labelled_probe), say=say)
 
 
@@ -149,12 +150,10 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
                       "n_classes": len(labelled.class_names), "rule": native_temperature.rule}
     variants = _make_variants(fp32, work, precisions, config, probes,
                               lambda m: say(f"{tag} {m}"), labelled_probe)
-    if config.qat and seed == 0:
-        _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
-                            (prompt_ids, caption_ids, probe_ids), native_temperature,
-                            labelled_probe, lambda m: say(f"{tag} {m}"))
     evaluated = sorted({Precision.FP32, *precisions}, key=list(Precision).index)
-    # Each endpoint is measured on the runtime it will be served with.
+    # Each endpoint is measured on the runtime it will be served with, the QAT stage's
+    # PTQ-vs-QAT comparison included: the runtime is planned on the PTQ graph, and a QAT graph
+    # (the same recipe, the same operators) that replaces it is served on the same runtime.
     served = {key: ("onnxruntime", None) for key in variants}
     if config.backend == "python":
         for (p, t), (path, quantization) in variants.items():
@@ -181,15 +180,27 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
         say(f"{tag}: NVIDIA's openvino backend; fp32 computes as: "
             f"{openvino_backend.precision_note(Precision.FP32, machine)}")
 
-    def served_session(p, t):
+    def served_session(p, t, path=None):
+        path = variants[p, t][0] if path is None else path
         runtime, options = served[p, t]
         if options is None:
-            return evaluate.make_session(variants[p, t][0])
+            return evaluate.make_session(path)
         if config.backend == "openvino":  # the backend's own settings, not the python one's
-            return runtimes.Session(variants[p, t][0], runtime, options)
-        return runtimes.make_session(variants[p, t][0], runtime, p, config.intra_op_threads,
+            return runtimes.Session(path, runtime, options)
+        return runtimes.make_session(path, runtime, p, config.intra_op_threads,
                                      inter_op_threads=config.inter_op_threads,
                                      allow_spinning=config.allow_spinning)
+
+    if config.qat and seed == 0:
+        planned = dict(variants)
+        _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
+                            (prompt_ids, caption_ids, probe_ids), native_temperature,
+                            labelled_probe, served_session, lambda m: say(f"{tag} {m}"))
+        runtime_info = {key: q["runtime"] for key, (_, q) in planned.items() if "runtime" in q}
+        for key, (_, quantization) in variants.items():  # a QAT graph took the PTQ one's place
+            if key in runtime_info and "runtime" not in quantization:
+                quantization["runtime"] = dict(runtime_info[key], measured_on=(
+                    "the PTQ graph of the same recipe (the QAT graph replaced it)"))
     sessions = {(p, t): served_session(p, t) for p in evaluated for t in Tower}
     result = quality.evaluate_model(
         scale=tag, sessions=sessions, suite=suite, prompt_ids=prompt_ids,

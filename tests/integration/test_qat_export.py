@@ -44,20 +44,30 @@ def test_qat_matches_or_beats_ptq_on_held_out_digits(rows, precision):
     assert (record["served"], record["why"]) == qat.choose_served(record["qat_minus_ptq"])
     served = record[record["served"]]["top1"]["delta"]
     row = _row(rows, precision)
-    # The QAT stage measures both graphs with onnxruntime; the report measures the endpoint on
-    # the runtime it is served with, which --runtime auto may make OpenVINO (it does for int8
-    # on AMX CPUs). The same graph on another runtime may flip a borderline test item.
-    runtime = row["quantization"]["runtime"]["chosen"]
-    margin = 1e-9 if runtime == "onnxruntime" else 1.0 / row["n_test"] + 1e-9
-    assert row["deltas"]["top1"]["delta"] == pytest.approx(served, abs=margin), runtime
+    # Both graphs are measured on the runtime the endpoint is served with (--runtime auto may
+    # pick OpenVINO, as it does for int8 on AMX CPUs), so the report's row is that figure.
+    assert row["deltas"]["top1"]["delta"] == pytest.approx(served, abs=1e-9), \
+        row["quantization"]["runtime"]
+    for metric in ("ece", "nll"):
+        assert row["deltas"][metric]["delta"] == pytest.approx(
+            record[record["served"]][metric]["delta"], abs=1e-6), metric
+    if record["served"] == "qat":  # the runtime was planned on the PTQ graph it replaced
+        assert "PTQ graph" in row["quantization"]["runtime"]["measured_on"]
 
 
-def test_qat_closes_the_int4_gap_on_digits_s(rows):
-    """INT4: QAT's worst case against FP32 is no worse than PTQ's, and it is served."""
+def test_qat_at_int4_trains_toward_its_teacher_and_is_served_by_the_rule(rows):
+    """INT4: fine-tuning brings the fake-quantized student's embeddings closer to FP32's, and
+    the graph served is the one the rule picks from the paired QAT - PTQ deltas. What it
+    picked here depends on the CPU (the PTQ method auto keeps and the runtime both do).
+    Measured on an AMD EPYC (2026-12-03): PTQ INT4 lost OOD AUROC against FP32, -0.010
+    [-0.017, -0.004], QAT did not (+0.001 [-0.002, +0.004]; QAT - PTQ +0.011 [+0.005,
+    +0.017]), with top-1 one test item apart inside its interval: QAT served. On an AMX Xeon
+    (2026-12-03) QAT flipped no test item where PTQ's interval was +-1.1 points: QAT served."""
     record = _row(rows, "int4")["quantization"]["qat"]
-    assert record["qat"]["top1"]["lo"] >= record["ptq"]["top1"]["lo"], record
-    assert record["served"] == "qat", record["why"]
-    assert record["training"]["align_last"] < record["training"]["align_first"]
+    assert record["training"]["align_last"] < record["training"]["align_first"], record
+    assert (record["served"], record["why"]) == qat.choose_served(record["qat_minus_ptq"])
+    if record["served"] == "ptq":  # only for a loss beyond its interval or a lower top-1
+        assert ("worse than PTQ" in record["why"]) or ("not better" in record["why"])
 
 
 def test_qat_graphs_come_from_the_same_quantizers(cache_dir, rows):
@@ -68,8 +78,10 @@ def test_qat_graphs_come_from_the_same_quantizers(cache_dir, rows):
             qat = onnx.load(work / f"qat-{precision}" / f"{precision}_{tower.value}.onnx")
             count = [sum(n.op_type == op for n in m.graph.node) for m in (ptq, qat)]
             assert count[0] > 0 and count[0] == count[1], (precision, tower, count)
+        # PTQ's method is whichever candidate auto kept (HQQ and GPTQ among them)
         assert {r["quantization"]["method"] for r in rows if r["precision"] == precision} \
-            <= {"int8-static-qdq", "int8-dynamic", "int4-weight-only-rtn"}
+            <= {"int8-static-qdq", "int8-dynamic", "int4-weight-only-rtn",
+                "int4-weight-only-hqq", "int4-weight-only-gptq"}
 
 
 def test_sidecar_records_qat_and_report_shows_it_beside_ptq(qat_repository, rows):

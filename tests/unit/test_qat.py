@@ -146,6 +146,14 @@ def test_served_rule_prefers_qat_only_when_not_worse():
     assert choice == "ptq" and "ece" in why
     lower_top1 = dict(even, top1=_d(-0.004, -0.02, 0.01))
     assert qat.choose_served(lower_top1)[0] == "ptq"
+    # a gain beyond its interval outweighs a top-1 point estimate inside its own
+    better_ood = dict(lower_top1, ood_auroc=_d(0.011, 0.005, 0.017))
+    choice, why = qat.choose_served(better_ood)
+    assert choice == "qat" and "better than PTQ beyond the 95% interval on ood_auroc" in why
+    better_ece = dict(lower_top1, ece=_d(-0.02, -0.03, -0.01))  # lower ECE is better
+    assert qat.choose_served(better_ece)[0] == "qat"
+    # ... but never a loss beyond its interval
+    assert qat.choose_served(dict(better_ood, ece=_d(0.02, 0.01, 0.03)))[0] == "ptq"
 
 
 def test_qat_on_an_open_clip_model_without_images_is_refused_clearly(tmp_path, capsys):

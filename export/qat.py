@@ -657,11 +657,12 @@ def run_stage(model, *, spec, config, shapes, tokenizer, work, variants: dict, p
     recipe = QatRecipe(steps=config.qat_steps or QatRecipe.steps, gate=config.qat_gate)
     from clipserve.export import quantize
 
-    students = {}
+    students, scheme_of = {}, {}
     for p in chosen:
         scheme = Scheme(p.value, block_size=config.int4_block_size,
                         reduce_range=quantize._reduce_range(None) if p is Precision.INT8
                         else False)
+        scheme_of[p] = scheme
         result = train_qat(model, scheme, data, tokenizer, mean=shapes.mean, std=shapes.std,
                            context_length=shapes.context_length, recipe=recipe, log=say)
         out = work / f"qat-{p.value}"
@@ -712,7 +713,17 @@ def run_stage(model, *, spec, config, shapes, tokenizer, work, variants: dict, p
         for t in Tower:
             if served == "qat":
                 path, info = students[p][0][t]
-                variants[p, t] = (path, dict(info, qat=record))
+                info = dict(info, qat=record)
+                ptq_choice = variants[p, t][1].get("choice")
+                if ptq_choice:
+                    # The report's candidates table keeps PTQ's search (measured against the
+                    # original FP32); the student's own pinned build is measured against the
+                    # fine-tuned FP32, so it is kept apart, not mixed into that table.
+                    info["qat_choice"] = info.get("choice")
+                    info["choice"] = dict(ptq_choice, qat_served=True, why=(
+                        f"{ptq_choice['why']}; QAT served instead ({why}), quantized with "
+                        f"{scheme_of[p].method()}"))
+                variants[p, t] = (path, info)
             else:
                 path, info = variants[p, t]
                 variants[p, t] = (path, dict(info, qat=record))

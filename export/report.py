@@ -186,7 +186,8 @@ def candidates_table(rows: list[dict]) -> list[str]:
             lines = ["| endpoint | candidate | kept | verdict (calibration) | top-1 Δ | ECE Δ | "
                      "cos mean | cos min | items/s | size MB | s |", "|" + "---|" * 11]
         for name, f in choice["candidates"].items():
-            kept = "**kept**" if name == choice["chosen"] else ""
+            kept = ("PTQ's pick; **QAT served**" if choice.get("qat_served") else "**kept**") \
+                if name == choice["chosen"] else ""
             if "error" in f:
                 lines.append(f"| {r['endpoint']} | {name} | | failed: {f['error'][:80]} "
                              f"| – | – | – | – | – | – | {f.get('seconds', 0):.1f} |")

@@ -92,6 +92,18 @@ def test_sidecar_records_qat_and_report_shows_it_beside_ptq(qat_repository, rows
         assert {"epochs", "steps", "loss_first", "loss_last", "gate_threshold",
                 "seconds", "align_first", "align_last", "scheme"} <= set(training)
         assert training["gate_threshold"] == 0.5 and training["seconds"] > 0
+        # PTQ's candidate search stays in the sidecar (and the report's candidates table)
+        # whichever graph is served; the student's own pinned build is kept apart.
+        choice = sidecar.quantization["choice"]
+        assert choice["mode"] == "auto" and len(choice["candidates"]) > 1, choice
+        assert bool(choice.get("qat_served")) == (record["served"] == "qat")
+        if record["served"] == "qat":
+            assert sidecar.quantization["qat_choice"]["mode"] == "pinned"
+            assert "QAT served instead" in choice["why"]
     md = (qat_repository / "report.md").read_text()
     section = md[md.index("## Quantization-aware training"):]
     assert "| digits-s | int8 |" in section and "| digits-s | int4 |" in section
+    candidates = md[md.index("## Quantization candidates"):]
+    served_qat = [r for r in rows if r["tower"] == "image"
+                  and r["quantization"].get("qat", {}).get("served") == "qat"]
+    assert ("PTQ's pick; **QAT served**" in candidates) == bool(served_qat)

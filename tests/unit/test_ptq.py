@@ -323,3 +323,28 @@ def test_the_probe_scores_candidates_under_the_models_own_rule():
     soft = ptq.CalibrationProbe(images, labels, text, k, k, images, text, "softmax")
     sig = ptq.CalibrationProbe(images, labels, text, k, k, images, text, "sigmoid")
     assert not np.allclose(soft._per_item(images, text)[1], sig._per_item(images, text)[1])
+
+
+def test_candidates_table_marks_the_kept_method_and_a_qat_replacement():
+    from clipserve.export import report
+
+    def figures(cos):
+        d = {"delta": 0.0, "lo": -0.01, "hi": 0.01}
+        return {"deltas": {"top1": d, "ece": d}, "verdict": "safe", "cosine_calibration": cos,
+                "cosine_min": cos - 0.01, "items_per_s": 100.0, "size_bytes": 2_000_000,
+                "seconds": 1.0}
+
+    def row(precision, qat_served):
+        choice = {"mode": "auto", "chosen": "b", "why": "best cosine", "seconds": 2.0,
+                  "candidates": {"a": figures(0.99), "b": figures(0.995)}}
+        if qat_served:
+            choice["qat_served"] = True
+        return {"model": "m", "precision": precision, "tower": "image",
+                "endpoint": f"m_{precision}_image", "quantization": {"choice": choice}}
+    lines = report.candidates_table([row("int8", False), row("int4", True)])
+    int8 = [line for line in lines if line.startswith("| m_int8_image |")]
+    int4 = [line for line in lines if line.startswith("| m_int4_image |")]
+    assert len(int8) == len(int4) == 2  # every candidate, not only the kept one
+    assert "| b | **kept** |" in int8[1] and "| a |  |" in int8[0]
+    assert "| b | PTQ's pick; **QAT served** |" in int4[1]
+    assert any("m_int4_image: auto, kept **b**" in line for line in lines)

@@ -192,15 +192,9 @@ def evaluate_spec(spec: models.ModelSpec, precisions: list[Precision], config: E
                                      allow_spinning=config.allow_spinning)
 
     if config.qat and seed == 0:
-        planned = dict(variants)
         _quantization_aware(model, spec, config, shapes, tokenizer, work, variants, probes, suite,
                             (prompt_ids, caption_ids, probe_ids), native_temperature,
                             labelled_probe, served_session, lambda m: say(f"{tag} {m}"))
-        runtime_info = {key: q["runtime"] for key, (_, q) in planned.items() if "runtime" in q}
-        for key, (_, quantization) in variants.items():  # a QAT graph took the PTQ one's place
-            if key in runtime_info and "runtime" not in quantization:
-                quantization["runtime"] = dict(runtime_info[key], measured_on=(
-                    "the PTQ graph of the same recipe (the QAT graph replaced it)"))
     sessions = {(p, t): served_session(p, t) for p in evaluated for t in Tower}
     result = quality.evaluate_model(
         scale=tag, sessions=sessions, suite=suite, prompt_ids=prompt_ids,

@@ -714,7 +714,11 @@ def run_stage(model, *, spec, config, shapes, tokenizer, work, variants: dict, p
             if served == "qat":
                 path, info = students[p][0][t]
                 info = dict(info, qat=record)
-                ptq_choice = variants[p, t][1].get("choice")
+                ptq_info = variants[p, t][1]
+                if "runtime" in ptq_info:  # planned on the PTQ graph; served the same way
+                    info["runtime"] = dict(ptq_info["runtime"], measured_on=(
+                        "the PTQ graph of the same recipe (the QAT graph replaced it)"))
+                ptq_choice = ptq_info.get("choice")
                 if ptq_choice:
                     # The report's candidates table keeps PTQ's search (measured against the
                     # original FP32); the student's own pinned build is measured against the

@@ -655,6 +655,10 @@ def _target_value(t: Target) -> str:
     return f"{t.value:.2f} ms" if t.unit == "ms" else f"{t.value:.1%}"
 
 
+def _target_threshold(t: Target) -> str:
+    return f"{t.op} {t.threshold:g} ms" if t.unit == "ms" else f"{t.op} {t.threshold:.0%}"
+
+
 def before_after_lines(before: BenchResults | dict, after: BenchResults | dict,
                        before_name: str = "before") -> list[str]:
     """The targets of an earlier run (``before``, e.g. a bench.json from git history) beside
@@ -670,9 +674,8 @@ def before_after_lines(before: BenchResults | dict, after: BenchResults | dict,
         if b is not None:
             change = (f"{t.value - b.value:+.2f} ms" if t.unit == "ms"
                       else f"{(t.value - b.value) * 100:+.1f} pts")
-        threshold = f"{t.op} {t.threshold:g} ms" if t.unit == "ms" else f"{t.op} {t.threshold:.0%}"
         rows.append([t.scale, t.precision, t.target, _target_value(b) if b else "-",
-                     _target_value(t), change, threshold, t.verdict()])
+                     _target_value(t), change, _target_threshold(t), t.verdict()])
 
     def where(r: BenchResults) -> str:
         m = r.machine
@@ -739,10 +742,8 @@ def markdown(results: BenchResults | dict, plots: list[Path], base: Path,
     lines += ["## Targets", ""]
     target_rows = []
     for t in analysis.targets:
-        in_ms = t.unit == "ms"
-        value = f"{t.value:.2f} ms" if in_ms else f"{t.value:.1%}"
-        threshold = f"{t.op} {t.threshold:g} ms" if in_ms else f"{t.op} {t.threshold:.0%}"
-        target_rows.append([t.scale, t.precision, t.target, value, threshold, t.verdict()])
+        target_rows.append([t.scale, t.precision, t.target, _target_value(t),
+                            _target_threshold(t), t.verdict()])
     lines += _table(["model", "precision", "target", "measured", "wanted", "verdict"],
                     target_rows)
     lines.append("")

@@ -59,10 +59,12 @@ def test_qat_at_int4_trains_toward_its_teacher_and_is_served_by_the_rule(rows):
     """INT4: fine-tuning brings the fake-quantized student's embeddings closer to FP32's, and
     the graph served is the one the rule picks from the paired QAT - PTQ deltas. What it
     picked here depends on the CPU (the PTQ method auto keeps and the runtime both do).
-    Measured on an AMD EPYC (2026-12-03): PTQ INT4 lost OOD AUROC against FP32, -0.010
-    [-0.017, -0.004], QAT did not (+0.001 [-0.002, +0.004]; QAT - PTQ +0.011 [+0.005,
-    +0.017]), with top-1 one test item apart inside its interval: QAT served. On an AMX Xeon
-    (2026-12-03) QAT flipped no test item where PTQ's interval was +-1.1 points: QAT served."""
+    Measured on an AMD EPYC (2026-12-03), two exports: with PTQ's auto pick rtn-sym-b32-a0,
+    PTQ INT4 lost OOD AUROC against FP32 (-0.010 [-0.017, -0.004]) and QAT did not (QAT - PTQ
+    +0.011 [+0.005, +0.017], top-1 one test item apart inside its interval: QAT under this
+    rule); with hqq-b32-a4, QAT's NLL was worse beyond its interval (+0.012 [+0.003, +0.021]):
+    PTQ served. On an AMX Xeon QAT flipped no test item where PTQ's interval was +-1.1
+    points: QAT served."""
     record = _row(rows, "int4")["quantization"]["qat"]
     assert record["training"]["align_last"] < record["training"]["align_first"], record
     assert (record["served"], record["why"]) == qat.choose_served(record["qat_minus_ptq"])
